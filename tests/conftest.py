@@ -1,0 +1,40 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and a tiny shapes dataset."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+TINY_DATA = dict(image_size=32, num_train=512, num_heldout=128)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A data dir holding the tiny shapes dataset, built once per test session."""
+    from vlmjax.data import shapes
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    shapes.prepare(data_dir=path, **TINY_DATA)
+    return path
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+    """Factory: experiments/shapes_vit.py:tiny on the test data, with {"a.b": value} overrides."""
+    from vlmjax import config as config_lib
+
+    def make(overrides=None):
+        config = config_lib.load(os.path.join(ROOT, "experiments", "shapes_vit.py") + ":tiny")
+        config_lib.override(config, "data.data_dir", data_dir)
+        for key, value in (overrides or {}).items():
+            config_lib.override(config, key, str(value))
+        return config
+
+    return make

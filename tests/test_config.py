@@ -1,0 +1,100 @@
+import glob
+import os
+
+import pytest
+
+from vlmjax import cli
+from vlmjax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIT = os.path.join(ROOT, "experiments", "shapes_vit.py")
+
+
+def test_load_locks_and_overrides_parse_types():
+    config = config_lib.load(VIT)
+    config_lib.override(config, "batch_size", "64")
+    config_lib.override(config, "optimizer.learning_rate", "3e-4")
+    config_lib.override(config, "model.scan", "true")
+    config_lib.override(config, "model.pool", "cls")
+    config_lib.override(config, "optimizer.weight_decay", "0")  # int text into a float key
+    assert config.batch_size == 64
+    assert config.optimizer.learning_rate == pytest.approx(3e-4)
+    assert config.model.scan is True
+    assert config.model.pool == "cls"
+    assert isinstance(config.optimizer.weight_decay, float)
+    with pytest.raises(AttributeError):
+        config.new_key = 1  # locked
+
+
+def test_dtype_override_reaches_the_model():
+    config = config_lib.load_with_overrides(VIT, [("dtype", "bfloat16")])
+    assert config.model.dtype == "bfloat16"
+
+
+def test_unknown_key_names_nearest():
+    config = config_lib.load(VIT)
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'optimizer.learning_rate'"):
+        config_lib.override(config, "optimizer.learning_rat", "1")
+    with pytest.raises(config_lib.ConfigError, match="'batch_size'"):
+        config_lib.override(config, "batchsize", "1")
+
+
+def test_bad_values_are_errors():
+    config = config_lib.load(VIT)
+    with pytest.raises(config_lib.ConfigError, match="cannot parse .many. as int"):
+        config_lib.override(config, "batch_size", "many")
+    with pytest.raises(config_lib.ConfigError, match="boolean"):
+        config_lib.override(config, "model.scan", "maybe")
+    with pytest.raises(config_lib.ConfigError, match="is a group"):
+        config_lib.override(config, "model", "1")
+
+
+def test_split_overrides_both_forms():
+    rest, overrides = config_lib.split_overrides(
+        ["train", "--config.a.b=1", "--workdir", "w", "--config.c", "x y"]
+    )
+    assert rest == ["train", "--workdir", "w"]
+    assert overrides == [("a.b", "1"), ("c", "x y")]
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+        config_lib.load(str(tmp_path / "missing.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("X = 1\n")
+    with pytest.raises(config_lib.ConfigError, match="get_config"):
+        config_lib.load(str(bad))
+
+
+def test_module_kwargs_rejects_unknown_model_field():
+    from vlmjax.models.vit import ViT
+
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'width'"):
+        config_lib.module_kwargs(ViT, {"widht": 4}, "model")
+    assert config_lib.module_kwargs(ViT, {"width": 4}, "model") == {"width": 4}
+
+
+def test_cli_reports_bad_key(capsys, tmp_path):
+    code = cli.main(
+        ["train", "--config", VIT, "--workdir", str(tmp_path), "--config.modle.width=8"]
+    )
+    assert code == 2
+    assert "did you mean 'model.width'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))))
+def test_every_experiment_builds(path):
+    """Each experiment (and each variant its docstring names) loads and builds its model."""
+    import jax
+
+    from vlmjax import tasks
+
+    variants = [None]
+    if ":tiny" in open(path).read():
+        variants.append("tiny")
+    for variant in variants:
+        config = config_lib.load(path + (f":{variant}" if variant else ""))
+        model = tasks.get(config.task).build_model(config)
+        inputs = tasks.get(config.task).init_inputs(config)
+        shapes = jax.eval_shape(lambda m=model, x=inputs: m.init(jax.random.key(0), *x))
+        assert jax.tree.leaves(shapes)

@@ -1,0 +1,1 @@
+"""Data: the embedded shapes dataset, tfds sources and grain input pipelines."""

@@ -1,0 +1,156 @@
+"""Input pipelines: a random-access source -> per-process shard -> shuffled, augmented batches.
+
+Built on grain's `MapDataset`, so every transformation is a pure function of the example
+index and the seed: the iterator's position (its `get_state()`) is all that needs saving to
+resume on exactly the next batch, and the order does not depend on the number of threads.
+Host batches become global `jax.Array`s with `jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from vlmjax.data import sources
+
+Example = dict[str, np.ndarray]
+
+
+# --- per-example transforms (numpy, host side) ---------------------------------------------
+
+
+def _as_image(image: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 [h, w, c] (or [h, w]) -> uint8 [S, S, 3], resizing only when needed."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    if image.shape[:2] != (image_size, image_size):
+        image = sources.resize_center_crop(image, image_size)
+    return image.astype(np.uint8)
+
+
+def _augment(image: np.ndarray, rng: np.random.Generator, kind: str, pad: int) -> np.ndarray:
+    """Light augmentation on uint8 [S, S, 3]: 'none', 'flip', or 'shift_flip'.
+
+    'shift_flip' pads by `pad` with edge pixels and crops back at a random offset (the
+    CIFAR recipe); edge padding keeps the background statistics of rendered scenes.
+    """
+    if kind in ("flip", "shift_flip") and rng.random() < 0.5:
+        image = image[:, ::-1]
+    if kind == "shift_flip" and pad:
+        size = image.shape[0]
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        dy, dx = rng.integers(0, 2 * pad + 1, size=2)
+        image = padded[dy : dy + size, dx : dx + size]
+    return np.ascontiguousarray(image)
+
+
+AUGMENTATIONS = ("none", "flip", "shift_flip")
+
+
+def classification_features(cfg: ml_collections.ConfigDict) -> Callable[[Mapping], Example]:
+    """Maps a raw record to {'image': uint8 [S, S, 3], 'label': int32 []} (+ 'novel' if any)."""
+    image_key, label_key, size = cfg.image_key, cfg.label_key, cfg.image_size
+
+    def features(record: Mapping[str, Any]) -> Example:
+        for key in (image_key, label_key):
+            if key not in record:
+                raise KeyError(
+                    f"dataset record has no '{key}' field (fields: {sorted(record)}); "
+                    f"set data.image_key / data.label_key"
+                )
+        out = {
+            "image": _as_image(record[image_key], size),
+            "label": np.asarray(record[label_key], np.int32),
+        }
+        if "novel" in record:
+            out["novel"] = np.asarray(record["novel"], np.int32)
+        return out
+
+    return features
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+
+def train_dataset(
+    source: Any,
+    features: Callable[[Mapping], Example],
+    *,
+    batch_size: int,
+    seed: int,
+    augment: str = "none",
+    augment_pad: int = 4,
+    num_threads: int = 2,
+    prefetch: int = 4,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """Infinite, shuffled (reshuffled each epoch), augmented batches of this process's shard.
+
+    `batch_size` is per process. Process i reads records i, i+n, i+2n, ... so processes
+    never see the same record within an epoch.
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"data.augment={augment!r} is not one of {AUGMENTATIONS}")
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < batch_size:
+        raise ValueError(
+            f"this process's shard has {len(ds)} examples, fewer than one batch of {batch_size}"
+        )
+    ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.map(features)
+    ds = ds.random_map(
+        lambda ex, rng: {**ex, "image": _augment(ex["image"], rng, augment, augment_pad)},
+        seed=seed + 1,
+    )
+    ds = ds.batch(batch_size, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
+    return ds.to_iter_dataset(read)
+
+
+def eval_batches(
+    source: Any,
+    features: Callable[[Mapping], Example],
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_examples: int | None = None,
+) -> Iterator[Example]:
+    """One pass over the split in order, in batches of `batch_size` (per process).
+
+    Every process yields the same number of batches; padding rows repeat a real example and
+    carry `mask == 0`, so metrics are sums over `mask` and nothing is counted twice.
+    """
+    total = len(source) if max_examples is None else min(len(source), max_examples)
+    per_process = -(-total // process_count)
+    num_batches = -(-per_process // batch_size)
+    indices = np.arange(process_index, total, process_count)
+    ds = grain.MapDataset.source(source).map(features)
+    for b in range(num_batches):
+        rows = indices[b * batch_size : (b + 1) * batch_size]
+        valid = len(rows)
+        if valid < batch_size:
+            rows = np.concatenate(
+                [rows, np.full(batch_size - valid, indices[0] if len(indices) else 0)]
+            )
+        examples = [ds[int(i)] for i in rows]
+        batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+        batch["mask"] = (np.arange(batch_size) < valid).astype(np.int32)
+        yield batch
+
+
+def to_global(batch: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host-local batch (leading dim = this process's rows) -> global sharded jax.Arrays."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }

@@ -1,0 +1,48 @@
+"""The keys every run has, with their defaults. Experiment files start from `base_config()`
+and override a few fields; the config is locked after loading, so only these keys (and the
+ones an experiment adds) exist.
+"""
+
+import ml_collections
+
+from vlmjax import optim
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classification"
+    c.seed = 0
+    c.batch_size = 128  # global, over all processes and devices
+    c.eval_batch_size = 256
+    c.total_steps = 1000
+    c.log_every = 50
+    c.eval_every = 500  # 0: only at the end
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.dtype = "float32"  # compute dtype; params stay float32
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "shapes"  # the embedded dataset, or any prepared tfds dataset
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.train_split = "train"
+    c.data.eval_split = "heldout"
+    c.data.eval_max_examples = 0  # 0: the whole split
+    c.data.image_size = 32
+    c.data.image_key = "image"
+    c.data.label_key = "label"
+    c.data.augment = "none"  # none | flip | shift_flip
+    c.data.num_threads = 2
+    c.data.prefetch = 4  # batches read ahead
+    c.data.num_train = 20000  # shapes only: examples rendered per split
+    c.data.num_heldout = 2000
+
+    c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+
+    c.optimizer = optim.default_config()
+    c.optimizer.grad_accum_steps = 1  # micro-batches per step (scanned inside the jitted step)
+
+    c.model_name = "vit"
+    c.model = ml_collections.ConfigDict()
+    return c

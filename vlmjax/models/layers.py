@@ -1,0 +1,210 @@
+"""Shared transformer blocks: attention, MLP, patch and position embeddings.
+
+Parameters carry logical axis names (see `vlmjax/mesh.py` for the rules); activations are
+constrained with `act_*` names. Compute runs in `dtype`, parameters stay float32, and
+softmax/normalisation statistics are float32 (Flax LayerNorm reduces in float32; the XLA
+attention path upcasts logits before the softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | str
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """Shorthand for an initialiser annotated with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Scaled dot-product attention; the one place a fused kernel plugs in.
+
+    q: [b, q_len, heads, head_dim]; k, v: [b, kv_len, heads, head_dim]; mask broadcastable
+    to [b, heads, q_len, kv_len] (True = attend). `implementation`: "xla" (any backend),
+    "cudnn" (fused flash attention on NVIDIA GPUs) or "auto" (cudnn on GPU, else xla).
+    Returns [b, q_len, heads, head_dim] in q's dtype.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if implementation == "auto":
+        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+
+
+class HeadsProjection(nn.Module):
+    """[b, l, d] -> [b, l, heads, head_dim] (one of the q/k/v projections).
+
+    Written out rather than nn.DenseGeneral, whose initialiser works on a flattened kernel
+    and so breaks 3-D logical sharding annotations.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        kernel = self.param(
+            "kernel",
+            partitioned(init, ("embed", "heads", "kv")),
+            (x.shape[-1], self.num_heads, self.head_dim),
+        )
+        bias = self.param(
+            "bias",
+            partitioned(nn.initializers.zeros, ("heads", "kv")),
+            (self.num_heads, self.head_dim),
+        )
+        x, kernel, bias = (t.astype(self.dtype) for t in (x, kernel, bias))
+        return jnp.einsum("bld,dhk->blhk", x, kernel) + bias  # [b, l, h, dh]
+
+
+class HeadsMerge(nn.Module):
+    """[b, l, heads, head_dim] -> [b, l, width] (the attention output projection)."""
+
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        kernel = self.param(
+            "kernel", partitioned(init, ("heads", "kv", "embed")), (*x.shape[-2:], self.width)
+        )
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (self.width,))
+        x, kernel, bias = (t.astype(self.dtype) for t in (x, kernel, bias))
+        return jnp.einsum("blhk,hkd->bld", x, kernel) + bias  # [b, l, d]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention over [b, l, d] inputs."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    implementation: str = "xla"
+    is_causal: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+        q, k, v = (
+            HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=n)(x)
+            for n in ("query", "key", "value")
+        )  # [b, l, h, dh] each
+        q, k, v = (
+            nn.with_logical_constraint(t, ("batch", "length", "act_heads", "act_kv"))
+            for t in (q, k, v)
+        )
+        out = dot_product_attention(
+            q, k, v, mask=mask, is_causal=self.is_causal, implementation=self.implementation
+        )
+        out = HeadsMerge(width, dtype=self.dtype, name="out")(out)  # [b, l, d]
+        return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward block: Dense(mlp_dim) -> GELU -> Dense(width)."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    dropout: float = 0.0
+    # Exact GELU as in the original ViT and Hugging Face; flax's default is the tanh form.
+    approximate_gelu: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.normal(1e-6), ("mlp",)),
+            name="fc1",
+        )(x)  # [b, l, mlp]
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        h = nn.gelu(h, approximate=self.approximate_gelu)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        out = nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=partitioned(nn.initializers.normal(1e-6), ("embed",)),
+            name="fc2",
+        )(h)  # [b, l, d]
+        return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        dtype=dtype,
+        scale_init=partitioned(nn.initializers.ones, ("embed",)),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches, linearly projected: [b, H, W, c] -> [b, H/p * W/p, width]."""
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        _, height, width, _ = images.shape
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by patch_size {p}; "
+                f"resize the images or choose a patch size that divides both"
+            )
+        x = nn.Conv(
+            self.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), ("patch", None, None, "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="proj",
+        )(images)  # [b, H/p, W/p, width]
+        b, gh, gw, d = x.shape
+        return x.reshape(b, gh * gw, d)
+
+
+class LearnedPosEmbed(nn.Module):
+    """Adds a learned [1, length, width] position table to [b, length, width] tokens."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, length, width = x.shape
+        table = self.param(
+            "pos_embedding",
+            partitioned(nn.initializers.normal(0.02), (None, "length", "embed")),
+            (1, length, width),
+        )
+        return x + table.astype(x.dtype)

@@ -1,0 +1,333 @@
+"""The one training loop. It reads top to bottom as the recipe: mesh, data, model and
+optimizer, shardings, init or resume, jitted step, then the loop with logging, evaluation and
+checkpoints. It knows nothing about any particular model: the task module supplies the model,
+the loss, the datasets and the evaluation sums (see `vlmjax/tasks/__init__.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from vlmjax import checkpoint, optim, tasks, writers
+from vlmjax import config as config_lib
+from vlmjax import mesh as mesh_lib
+from vlmjax.data import pipeline, sources
+
+log = logging.getLogger("vlmjax")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree of (sharded) arrays."""
+
+    step: jax.Array  # int32 []
+    params: Any
+    opt_state: Any
+    model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}; {} for a ViT
+    rng: jax.Array  # uint32 [2]; folded with the step, never split in place
+
+
+# --- building blocks (pure functions; the loop below wires them together) -------------------
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, init_inputs, mesh):
+    """(init_fn, shardings, abstract state) for a TrainState of `model` on `mesh`.
+
+    Parameter shardings come from the modules' logical axis names; optimizer-state leaves
+    that mirror parameters (Adam's moments, momentum) take their parameter's sharding.
+    """
+    dummy = tuple(jnp.zeros(x.shape, x.dtype) for x in init_inputs)
+
+    def init_variables(rng):
+        return model.init({"params": rng, "dropout": rng}, *dummy, train=False)
+
+    def init_fn(rng):
+        param_rng, state_rng = jax.random.split(rng)
+        variables = dict(nn.meta.unbox(init_variables(param_rng)))
+        params = variables.pop("params")
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            model_state=variables,
+            rng=state_rng,
+        )
+
+    rng = jax.random.PRNGKey(0)
+    boxed = dict(jax.eval_shape(init_variables, rng))
+    var_shardings = mesh_lib.logical_shardings(boxed, mesh)
+    param_shardings = var_shardings.pop("params")
+    abstract = jax.eval_shape(init_fn, rng)
+    rep = mesh_lib.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    shardings = TrainState(
+        step=rep,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        model_state=var_shardings,
+        rng=rep,
+    )
+    return init_fn, shardings, abstract
+
+
+def _microbatches(batch: dict[str, jax.Array], k: int, mesh) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...] where micro-batch i takes rows i, i+k, ...
+
+    That interleaving keeps each device's rows on that device (every local block of
+    B/devices rows splits evenly over the k micro-batches), so no data moves.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn: Callable, tx, schedule, accum_steps: int, mesh) -> Callable:
+    """train_step(state, batch) -> (state, metrics); gradients averaged over micro-batches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum_steps == 1:
+            (_, (metrics, model_state)), grads = grad_fn(
+                state.params, state.model_state, batch, rng
+            )
+        else:
+
+            def body(carry, xs):
+                grads_sum, model_state = carry
+                i, micro = xs
+                (_, (metrics, model_state)), grads = grad_fn(
+                    state.params, model_state, micro, jax.random.fold_in(rng, i)
+                )
+                return (jax.tree.map(jnp.add, grads_sum, grads), model_state), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, model_state), metrics = jax.lax.scan(
+                body,
+                (zeros, state.model_state),
+                (jnp.arange(accum_steps), _microbatches(batch, accum_steps, mesh)),
+            )
+            grads = jax.tree.map(lambda g: g / accum_steps, grads)
+            metrics = jax.tree.map(jnp.mean, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {f"train/{k}": v for k, v in metrics.items()}
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
+        metrics["train/param_norm"] = optax.tree.norm(params)
+        metrics["train/learning_rate"] = schedule(state.step)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The jitted pieces of a run on one mesh."""
+
+    model: nn.Module
+    init_fn: Callable  # rng -> TrainState (sharded)
+    train_step: Callable  # (state, batch) -> (state, metrics)
+    eval_step: Callable  # (params, model_state, batch) -> sums
+    shardings: Any  # TrainState of NamedShardings
+    abstract: Any  # TrainState of ShapeDtypeStructs
+    batch_sharding: Any
+
+
+def setup(config: ml_collections.ConfigDict, task, mesh) -> Setup:
+    """Model, optimizer, shardings and jitted functions for `config` on `mesh`.
+
+    Call (and run the returned functions) inside `jax.set_mesh(mesh)` and
+    `nn.logical_axis_rules(mesh_lib.RULES)`, where the models' logical constraints resolve.
+    """
+    model = task.build_model(config)
+    tx, schedule = optim.build(config.optimizer, config.total_steps)
+    init_fn, shardings, abstract = state_shardings(model, tx, task.init_inputs(config), mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    rep = mesh_lib.replicated(mesh)
+    step_fn = make_train_step(
+        task.make_loss_fn(config, model), tx, schedule, config.optimizer.grad_accum_steps, mesh
+    )
+    return Setup(
+        model=model,
+        init_fn=jax.jit(init_fn, out_shardings=shardings),
+        # The state is donated: its buffers are reused for the new state.
+        train_step=jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, rep),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            task.make_eval_fn(config, model),
+            in_shardings=(shardings.params, shardings.model_state, batch_sharding),
+            out_shardings=rep,
+        ),
+        shardings=shardings,
+        abstract=abstract,
+        batch_sharding=batch_sharding,
+    )
+
+
+def evaluate(task, config, eval_step: Callable, state: TrainState, batch_sharding) -> dict:
+    """Runs every eval split; returns {"eval/<metric>": value} ({"eval/<split>/..."} if >1)."""
+    results = {}
+    splits = task.eval_splits(config)
+    for split in splits:
+        totals: dict[str, float] = {}
+        for host_batch in task.eval_dataset(
+            config, split, jax.process_index(), jax.process_count()
+        ):
+            batch = pipeline.to_global(host_batch, batch_sharding)
+            sums = jax.device_get(eval_step(state.params, state.model_state, batch))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        prefix = "eval/" if len(splits) == 1 else f"eval/{split}/"
+        results.update({prefix + k: v for k, v in task.eval_finalize(totals).items()})
+    return results
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            log.warning("config differs from %s in %s; the new one is recorded", path, changed)
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2, sort_keys=True)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Errors for settings no run can use, before anything is compiled."""
+    for key in ("total_steps", "batch_size", "eval_batch_size", "log_every"):
+        if config[key] <= 0:
+            raise config_lib.ConfigError(f"{key}={config[key]} must be positive")
+    accum = config.optimizer.grad_accum_steps
+    if accum < 1 or config.batch_size % accum:
+        raise config_lib.ConfigError(
+            f"optimizer.grad_accum_steps={accum} must be >= 1 and divide "
+            f"batch_size={config.batch_size}"
+        )
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+    check_config(config)
+    is_main = jax.process_index() == 0
+
+    # Mesh: every batch is split over (data, fsdp); the rules table shards parameters.
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh_lib.batch_size_per_process(config.batch_size, mesh)
+    mesh_lib.batch_size_per_process(config.eval_batch_size, mesh)
+    local_rows = config.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    if local_rows % config.optimizer.grad_accum_steps:
+        raise config_lib.ConfigError(
+            f"each batch shard has {local_rows} rows, not divisible by "
+            f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}"
+        )
+    log.info(
+        "mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count()
+    )
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        # Data: prepared once (a no-op later), then this process's shard.
+        sources.prepare(config.data)
+        task = tasks.get(config.task)
+        train_iter = iter(task.train_dataset(config, jax.process_index(), jax.process_count()))
+
+        # Model, optimizer, shardings and the jitted init/train/eval functions.
+        run = setup(config, task, mesh)
+
+        # Init, or resume from the latest checkpoint in the workdir.
+        os.makedirs(workdir, exist_ok=True)
+        if is_main:
+            _write_config(config, workdir)
+        mngr = checkpoint.manager(
+            workdir, max_to_keep=config.keep_checkpoints, save_every=config.checkpoint_every
+        )
+        if mngr.latest_step() is not None:
+            target = checkpoint.abstract(run.abstract, run.shardings)
+            state = checkpoint.restore(mngr, target, train_iter)
+            log.info("resumed from step %d in %s", int(state.step), workdir)
+        else:
+            state = run.init_fn(jax.random.PRNGKey(config.seed))
+        num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
+        log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
+
+        writer = writers.MetricWriter(workdir, enabled=is_main)
+        first = int(state.step)
+        progress = writers.Progress(config.total_steps, first, enabled=is_main)
+        eval_metrics: dict[str, float] = {}
+        last_time, last_step = time.time(), first
+        for step in range(first + 1, config.total_steps + 1):
+            batch = pipeline.to_global(next(train_iter), run.batch_sharding)
+            state, metrics = run.train_step(state, batch)
+
+            if step % config.log_every == 0 or step == config.total_steps:
+                metrics = jax.device_get(metrics)
+                now = time.time()
+                metrics["train/examples_per_sec"] = (
+                    (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+                )
+                last_time, last_step = now, step
+                if not np.isfinite(metrics["train/loss"]):
+                    raise FloatingPointError(
+                        f"train/loss is {metrics['train/loss']} at step {step}; lower "
+                        "optimizer.learning_rate or set optimizer.grad_clip_norm. The last "
+                        "checkpoint is kept."
+                    )
+                writer.write(step, metrics)
+                progress.update(step, metrics)
+            else:
+                progress.update(step)
+
+            if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
+                eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
+                writer.write(step, eval_metrics)
+                progress.update(step, eval_metrics)
+                last_time = time.time()  # keep eval time out of the throughput figure
+
+            checkpoint.save(mngr, step, state, train_iter, force=step == config.total_steps)
+
+        if not eval_metrics and config.eval_every is not None:
+            # Resumed a finished run: evaluate the restored state so the caller gets numbers.
+            eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
+        mngr.wait_until_finished()
+        mngr.close()
+        progress.close()
+        writer.close()
+    return eval_metrics
