@@ -1,5 +1,8 @@
 r"""A small ViT classifying the kind of the large shape in the embedded `shapes` dataset.
 
+32x32 scenes of one or two shapes; the label is the kind of the large (or only) shape, one
+of 6; half of the held-out split shows (kind, colour) pairs never seen in training.
+
     vlmjax train --config experiments/shapes_vit.py --workdir /tmp/run
 
 Expected (2-core CPU, see the README's table): held-out accuracy >= 0.90, printed at the
@@ -15,21 +18,25 @@ def get_config(arg=None):
     c.task = "classification"
     c.batch_size = 128
     c.eval_batch_size = 500
-    c.total_steps = 1500
+    c.total_steps = 2500
     c.log_every = 50
     c.eval_every = 500
     c.checkpoint_every = 500
 
     c.data.name = "shapes"
     c.data.image_size = 32
-    c.data.augment = "flip"
+    # The label is the shape's kind; shuffling RGB makes the classifier colour-blind, so the
+    # (kind, colour) pairs held out of `train` are no harder than the seen ones.
+    c.data.augment = "flip,channel_shuffle"
 
     c.model_name = "vit"
     c.model.width = 128
     c.model.depth = 4
     c.model.mlp_dim = 256
     c.model.num_heads = 4
-    c.model.patch_size = 4
+    # 8x8 patches: 16 tokens. Measured on the 2-core CPU, patch 4 (64 tokens) ran 4x slower
+    # (300 vs 1200 img/s) and learned no faster per step (0.885 vs 0.91 after 1000 steps).
+    c.model.patch_size = 8
     c.model.pool = "gap"
     c.model.dropout = 0.0
     c.model.dtype = c.get_ref("dtype")  # follows --config.dtype
@@ -45,19 +52,21 @@ def get_config(arg=None):
     c.optimizer.grad_clip_norm = 1.0
 
     if arg == "tiny":
-        c.batch_size = 32
-        c.eval_batch_size = 64
-        c.total_steps = 20
-        c.log_every = 5
-        c.eval_every = 10
-        c.checkpoint_every = 10
-        c.data.num_train = 512
-        c.data.num_heldout = 128
-        c.model.width = 32
+        # ~30 s on the 2-core CPU; reaches ~0.4 held-out accuracy (chance: 1/6).
+        c.batch_size = 64
+        c.eval_batch_size = 128
+        c.total_steps = 500
+        c.log_every = 50
+        c.eval_every = 250
+        c.checkpoint_every = 250
+        c.data.num_train = 4096
+        c.data.num_heldout = 256
+        c.model.width = 64
         c.model.depth = 2
-        c.model.mlp_dim = 64
+        c.model.mlp_dim = 128
         c.model.num_heads = 2
-        c.optimizer.warmup_steps = 5
+        c.optimizer.learning_rate = 2e-3
+        c.optimizer.warmup_steps = 30
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; use experiments/shapes_vit.py or :tiny")
     return c

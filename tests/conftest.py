@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-TINY_DATA = dict(image_size=32, num_train=512, num_heldout=128)
+TINY_DATA = dict(image_size=32, num_train=4096, num_heldout=256)
 
 
 @pytest.fixture(scope="session")

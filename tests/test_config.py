@@ -96,5 +96,5 @@ def test_every_experiment_builds(path):
         config = config_lib.load(path + (f":{variant}" if variant else ""))
         model = tasks.get(config.task).build_model(config)
         inputs = tasks.get(config.task).init_inputs(config)
-        shapes = jax.eval_shape(lambda m=model, x=inputs: m.init(jax.random.key(0), *x))
+        shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
         assert jax.tree.leaves(shapes)

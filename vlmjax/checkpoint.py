@@ -21,12 +21,16 @@ class CheckpointError(RuntimeError):
 
 
 def manager(
-    workdir: str, *, max_to_keep: int | None = 3, save_every: int = 1, async_save: bool = True
+    workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True
 ) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager for WORKDIR/checkpoints (created if missing)."""
+    """An orbax CheckpointManager for WORKDIR/checkpoints (created if missing).
+
+    It saves whenever asked: the train loop decides when (every `checkpoint_every` steps
+    and at the end), not orbax's interval logic, which also saves the first step.
+    """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        save_interval_steps=max(1, save_every),
+        save_interval_steps=1,
         enable_async_checkpointing=async_save,
         create=True,
     )
@@ -39,8 +43,6 @@ def save(
     step: int,
     state: Any,
     data_iter: grain.DatasetIterator | None,
-    *,
-    force: bool = False,
 ) -> bool:
     """Starts saving `state` (and the iterator position) at `step`; returns whether it did.
 
@@ -50,7 +52,7 @@ def save(
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def restore(

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.data.image_key = "image"
     c.data.label_key = "label"
-    c.data.augment = "none"  # none | flip | shift_flip
+    c.data.augment = ""  # comma-separated: flip, shift, channel_shuffle
     c.data.num_threads = 2
     c.data.prefetch = 4  # batches read ahead
     c.data.num_train = 20000  # shapes only: examples rendered per split

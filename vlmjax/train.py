@@ -244,8 +244,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # --- the loop --------------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str, stop_at: int | None = None
+) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics.
+
+    `stop_at` ends this invocation after that step, with a checkpoint, as a job with a time
+    limit would; running again resumes exactly there.
+    """
     check_config(config)
     is_main = jax.process_index() == 0
 
@@ -276,9 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         os.makedirs(workdir, exist_ok=True)
         if is_main:
             _write_config(config, workdir)
-        mngr = checkpoint.manager(
-            workdir, max_to_keep=config.keep_checkpoints, save_every=config.checkpoint_every
-        )
+        mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
         if mngr.latest_step() is not None:
             target = checkpoint.abstract(run.abstract, run.shardings)
             state = checkpoint.restore(mngr, target, train_iter)
@@ -293,7 +297,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         progress = writers.Progress(config.total_steps, first, enabled=is_main)
         eval_metrics: dict[str, float] = {}
         last_time, last_step = time.time(), first
-        for step in range(first + 1, config.total_steps + 1):
+        last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+        for step in range(first + 1, last + 1):
             batch = pipeline.to_global(next(train_iter), run.batch_sharding)
             state, metrics = run.train_step(state, batch)
 
@@ -321,7 +326,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 progress.update(step, eval_metrics)
                 last_time = time.time()  # keep eval time out of the throughput figure
 
-            checkpoint.save(mngr, step, state, train_iter, force=step == config.total_steps)
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == last:
+                checkpoint.save(mngr, step, state, train_iter)
 
         if not eval_metrics and config.eval_every is not None:
             # Resumed a finished run: evaluate the restored state so the caller gets numbers.
