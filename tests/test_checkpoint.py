@@ -26,7 +26,7 @@ def _save(workdir, mesh):
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
         state = run.init_fn(jax.random.PRNGKey(1))
     mngr = checkpoint.manager(workdir)
-    checkpoint.save(mngr, 5, state, None)
+    checkpoint.save(mngr, 5, state)
     mngr.wait_until_finished()
     mngr.close()
     return jax.device_get(state)
@@ -37,7 +37,7 @@ def _restore(workdir, mesh, step=None):
     mngr = checkpoint.manager(workdir)
     try:
         target = checkpoint.abstract(run.abstract, run.shardings)
-        return checkpoint.restore(mngr, target, None, step=step), run
+        return checkpoint.restore(mngr, target, step=step), run
     finally:
         mngr.close()
 

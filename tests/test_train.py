@@ -119,7 +119,7 @@ def _final_params(workdir, config):
     mesh = mesh_lib.make_mesh(-1, 1, 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
         run = train.setup(config, tasks.get(config.task), mesh)
-        state = checkpoint.restore(mngr, checkpoint.abstract(run.abstract, run.shardings), None)
+        state = checkpoint.restore(mngr, checkpoint.abstract(run.abstract, run.shardings))
     mngr.close()
     return int(state.step), jax.device_get(state.params)
 

@@ -147,6 +147,19 @@ def load_with_overrides(
     return config
 
 
+def load_workdir(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run recorded in WORKDIR/config.json, locked."""
+    import json
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist: is {workdir!r} a vlmjax workdir?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.lock()
+    return config
+
+
 def module_kwargs(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Checks config `values` against the dataclass fields of module `cls`.
 

@@ -21,6 +21,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.dtype = "float32"  # compute dtype; params stay float32
 
+    # Start a new run from another run's parameters: a workdir, its checkpoints/ or one
+    # checkpoints/<step>; only params whose path fullmatches init_from_params are taken,
+    # the rest keep their fresh initialisation. Ignored when the workdir has a checkpoint.
+    c.init_from = ""
+    c.init_from_params = ".*"
+    c.init_from_step = -1  # -1: the latest
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     c.data = ml_collections.ConfigDict()

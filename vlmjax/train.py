@@ -30,6 +30,8 @@ from vlmjax.data import pipeline, sources
 
 log = logging.getLogger("vlmjax")
 
+FINAL_METRICS = "final_metrics.json"  # {"step": total_steps, "metrics": {...}} when finished
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -215,6 +217,41 @@ def evaluate(task, config, eval_step: Callable, state: TrainState, batch_shardin
     return results
 
 
+def _init_from(config: ml_collections.ConfigDict, run: Setup, state: TrainState) -> TrainState:
+    """`state` with the parameters selected by `config.init_from_params` taken from
+    `config.init_from` (onto this run's shardings); optimizer state stays fresh."""
+    from flax import traverse_util
+
+    step = None if config.init_from_step < 0 else config.init_from_step
+    loaded = checkpoint.load_params(
+        config.init_from, run.abstract.params, run.shardings.params, config.init_from_params, step
+    )
+    params = traverse_util.flatten_dict(state.params, sep="/")
+    params.update(loaded)
+    log.info("init_from %s: %d of %d parameter arrays", config.init_from, len(loaded), len(params))
+    return state.replace(params=traverse_util.unflatten_dict(params, sep="/"))
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> tuple[int, dict[str, float]]:
+    """Evaluates the checkpoint at `step` (default: latest) of `workdir` on the current
+    devices, whatever mesh it was saved on. Returns (step, metrics)."""
+    check_config(config)
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh_lib.batch_size_per_process(config.eval_batch_size, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        task = tasks.get(config.task)
+        run = setup(config, task, mesh)
+        mngr = checkpoint.manager(workdir, max_to_keep=None)
+        try:
+            target = checkpoint.abstract(run.abstract, run.shardings)
+            state = checkpoint.restore(mngr, target, step=step)
+        finally:
+            mngr.close()
+        return int(state.step), evaluate(task, config, run.eval_step, state, run.batch_sharding)
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
@@ -270,12 +307,8 @@ def train(
     )
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        # Data: prepared once (a no-op later), then this process's shard.
-        sources.prepare(config.data)
-        task = tasks.get(config.task)
-        train_iter = iter(task.train_dataset(config, jax.process_index(), jax.process_count()))
-
         # Model, optimizer, shardings and the jitted init/train/eval functions.
+        task = tasks.get(config.task)
         run = setup(config, task, mesh)
 
         # Init, or resume from the latest checkpoint in the workdir.
@@ -283,12 +316,22 @@ def train(
         if is_main:
             _write_config(config, workdir)
         mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
+        examples = 0  # position in the global input stream
         if mngr.latest_step() is not None:
             target = checkpoint.abstract(run.abstract, run.shardings)
-            state = checkpoint.restore(mngr, target, train_iter)
+            state, data = checkpoint.restore(mngr, target, with_data=True)
+            examples = data["examples"]
             log.info("resumed from step %d in %s", int(state.step), workdir)
         else:
             state = run.init_fn(jax.random.PRNGKey(config.seed))
+            if config.init_from:
+                state = _init_from(config, run, state)
+
+        # Data: prepared once (a no-op later), then this process's rows of each batch.
+        sources.prepare(config.data)
+        train_iter = iter(
+            task.train_dataset(config, jax.process_index(), jax.process_count(), examples)
+        )
         num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
         log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
 
@@ -301,6 +344,7 @@ def train(
         for step in range(first + 1, last + 1):
             batch = pipeline.to_global(next(train_iter), run.batch_sharding)
             state, metrics = run.train_step(state, batch)
+            examples += config.batch_size
 
             if step % config.log_every == 0 or step == config.total_steps:
                 metrics = jax.device_get(metrics)
@@ -327,7 +371,7 @@ def train(
                 last_time = time.time()  # keep eval time out of the throughput figure
 
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == last:
-                checkpoint.save(mngr, step, state, train_iter)
+                checkpoint.save(mngr, step, state, {"examples": examples})
 
         if not eval_metrics and config.eval_every is not None:
             # Resumed a finished run: evaluate the restored state so the caller gets numbers.
@@ -336,4 +380,8 @@ def train(
         mngr.close()
         progress.close()
         writer.close()
+    if is_main and int(state.step) == config.total_steps:
+        # The mark of a finished run (sweeps skip such workdirs), written last.
+        with open(os.path.join(workdir, FINAL_METRICS), "w") as f:
+            json.dump({"step": config.total_steps, "metrics": eval_metrics}, f, indent=2)
     return eval_metrics

@@ -42,6 +42,34 @@ def test_process_shards_are_disjoint_and_cover_an_epoch():
     assert sorted(seen) == list(range(64))
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    source = FakeSource(48)
+    single = iter(pipeline.train_dataset(source, _features(), batch_size=12, seed=5))
+    split = [
+        iter(
+            pipeline.train_dataset(
+                source, _features(), batch_size=4, seed=5, process_index=p, process_count=3
+            )
+        )
+        for p in range(3)
+    ]
+    for _ in range(6):  # 1.5 epochs
+        assert next(single)["label"].tolist() == sum(
+            (next(it)["label"].tolist() for it in split), []
+        )
+
+
+def test_start_example_resumes_the_global_stream_at_any_batch_size():
+    source = FakeSource(40)
+    stream = sum(
+        _labels(iter(pipeline.train_dataset(source, _features(), batch_size=6, seed=2)), 10), []
+    )
+    resumed = iter(
+        pipeline.train_dataset(source, _features(), batch_size=4, seed=2, start_example=18)
+    )
+    assert sum(_labels(resumed, 5), []) == stream[18:38]
+
+
 def test_order_is_seeded_and_reshuffled_each_epoch():
     make = lambda seed: iter(  # noqa: E731
         pipeline.train_dataset(FakeSource(32), _features(), batch_size=8, seed=seed)

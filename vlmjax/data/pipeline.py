@@ -110,17 +110,26 @@ def train_dataset(
     prefetch: int = 4,
     process_index: int = 0,
     process_count: int = 1,
+    start_example: int = 0,
 ) -> grain.IterDataset:
-    """Infinite, shuffled (reshuffled each epoch), augmented batches of this process's shard.
+    """Infinite, shuffled (reshuffled each epoch), augmented batches: this process's rows.
 
-    `batch_size` is per process. Process i reads records i, i+n, i+2n, ... so processes
-    never see the same record within an epoch.
+    `batch_size` is per process. All processes see one global stream (shuffle and
+    augmentation are keyed by the position in it), cut into chunks of `batch_size`; global
+    batch k is chunks k*n .. k*n+n-1 and process i reads only chunk k*n+i. So the global
+    batches, and a run's result, do not depend on how many processes share the work, and
+    processes never read the same record within an epoch.
+
+    `start_example` skips that many examples of the global stream (random access, no
+    reading): a run resumes from the number of examples it consumed, which stays valid when
+    the process count or the batch size changes between save and restore.
     """
     ops = parse_augment(augment)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < batch_size:
+    ds = grain.MapDataset.source(source)
+    if len(ds) < batch_size * process_count:
         raise ValueError(
-            f"this process's shard has {len(ds)} examples, fewer than one batch of {batch_size}"
+            f"the dataset has {len(ds)} examples, fewer than one global batch of "
+            f"{batch_size * process_count}"
         )
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.map(features)
@@ -128,7 +137,7 @@ def train_dataset(
         lambda ex, rng: {**ex, "image": _augment(ex["image"], rng, ops, augment_pad)},
         seed=seed + 1,
     )
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds[start_example:].batch(batch_size, drop_remainder=True)[process_index::process_count]
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
     return ds.to_iter_dataset(read)
 

@@ -49,7 +49,10 @@ def init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.ShapeDtypeStruct
 
 
 def train_dataset(
-    config: ml_collections.ConfigDict, process_index: int, process_count: int
+    config: ml_collections.ConfigDict,
+    process_index: int,
+    process_count: int,
+    start_example: int = 0,
 ) -> grain.IterDataset:
     source, _ = sources.classification_source(config.data, config.data.train_split)
     return pipeline.train_dataset(
@@ -62,6 +65,7 @@ def train_dataset(
         prefetch=config.data.prefetch,
         process_index=process_index,
         process_count=process_count,
+        start_example=start_example,
     )
 
 
