@@ -32,6 +32,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("classes", None),
     ("patch", None),
+    ("conv_in", "fsdp"),  # convolution kernels [kh, kw, in, out]
+    ("conv_out", "tensor"),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
