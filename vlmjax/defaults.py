@@ -39,7 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.data.image_key = "image"
     c.data.label_key = "label"
-    c.data.augment = ""  # comma-separated: flip, shift, channel_shuffle
+    # Comma-separated: random_resized_crop (first), flip, shift, channel_shuffle.
+    c.data.augment = ""
+    c.data.eval_crop_fraction = 1.0  # eval: resize the short side to size/fraction, crop centre
     c.data.num_threads = 2
     c.data.prefetch = 4  # batches read ahead
     c.data.num_train = 20000  # shapes only: examples rendered per split

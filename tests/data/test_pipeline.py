@@ -110,6 +110,13 @@ def test_augmentations():
     shuffled = pipeline._augment(image, np.random.default_rng(2), ("channel_shuffle",), 0)
     assert sorted(shuffled.reshape(-1, 3).T.tolist()) == sorted(image.reshape(-1, 3).T.tolist())
     assert pipeline.parse_augment("flip, channel_shuffle") == ("flip", "channel_shuffle")
+    big = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    crops = [
+        pipeline._augment(big, np.random.default_rng(s), ("random_resized_crop",), 0, size=16)
+        for s in range(5)
+    ]
+    assert all(c.shape == (16, 16, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) == 5  # random crops differ
     assert pipeline.parse_augment("none") == ()
     with pytest.raises(ValueError, match="not one of"):
         pipeline.train_dataset(FakeSource(8), _features(), batch_size=2, seed=0, augment="mixup")

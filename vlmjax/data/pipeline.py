@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from vlmjax.data import sources
+from vlmjax.data import image_ops
 
 Example = dict[str, np.ndarray]
 
@@ -25,19 +25,20 @@ Example = dict[str, np.ndarray]
 # --- per-example transforms (numpy, host side) ---------------------------------------------
 
 
-def _as_image(image: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 [h, w, c] (or [h, w]) -> uint8 [S, S, 3], resizing only when needed."""
+def _as_image(image: np.ndarray, image_size: int | None, crop_fraction: float) -> np.ndarray:
+    """uint8 [h, w, c] (or [h, w]) -> uint8 [S, S, 3] (resized only when needed), or
+    [h, w, 3] when image_size is None (a random-resized-crop comes later)."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    if image.shape[:2] != (image_size, image_size):
-        image = sources.resize_center_crop(image, image_size)
+    if image_size and image.shape[:2] != (image_size, image_size):
+        image = image_ops.resize_center_crop(image, image_size, crop_fraction)
     return image.astype(np.uint8)
 
 
-AUGMENTATIONS = ("flip", "shift", "channel_shuffle")
+AUGMENTATIONS = ("random_resized_crop", "flip", "shift", "channel_shuffle")
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -51,17 +52,23 @@ def parse_augment(spec: str) -> tuple[str, ...]:
     return ops
 
 
-def _augment(image: np.ndarray, rng: np.random.Generator, ops: tuple[str, ...], pad: int):
-    """Label-preserving augmentation of uint8 [S, S, 3], applied in the order given.
+def _augment(
+    image: np.ndarray, rng: np.random.Generator, ops: tuple[str, ...], pad: int, size: int = 0
+):
+    """Label-preserving augmentation of uint8 images, applied in the order given.
 
-    flip: horizontal, p=0.5. shift: pad by `pad` with edge pixels and crop back at a random
-    offset (the CIFAR recipe; edge padding keeps the background statistics). channel_shuffle:
-    a random permutation of RGB, which makes a classifier colour-invariant (on `shapes` the
-    six colours map onto each other, so held-out (kind, colour) pairs stop being novel to a
-    kind classifier; never use it where labels or captions name colours).
+    random_resized_crop: any [h, w, 3] -> [size, size, 3] (Inception crop; it must come
+    first, on the decoded image). flip: horizontal, p=0.5. shift: pad by `pad` with edge
+    pixels and crop back at a random offset (the CIFAR recipe; edge padding keeps the
+    background statistics). channel_shuffle: a random permutation of RGB, which makes a
+    classifier colour-invariant (on `shapes` the six colours map onto each other, so
+    held-out (kind, colour) pairs stop being novel to a kind classifier; never use it where
+    labels or captions name colours).
     """
     for op in ops:
-        if op == "flip" and rng.random() < 0.5:
+        if op == "random_resized_crop":
+            image = image_ops.random_resized_crop(image, rng, size)
+        elif op == "flip" and rng.random() < 0.5:
             image = image[:, ::-1]
         elif op == "shift" and pad:
             size = image.shape[0]
@@ -73,9 +80,16 @@ def _augment(image: np.ndarray, rng: np.random.Generator, ops: tuple[str, ...], 
     return np.ascontiguousarray(image)
 
 
-def classification_features(cfg: ml_collections.ConfigDict) -> Callable[[Mapping], Example]:
-    """Maps a raw record to {'image': uint8 [S, S, 3], 'label': int32 []} (+ 'novel' if any)."""
-    image_key, label_key, size = cfg.image_key, cfg.label_key, cfg.image_size
+def classification_features(
+    cfg: ml_collections.ConfigDict, resize: bool = True
+) -> Callable[[Mapping], Example]:
+    """Maps a raw record to {'image': uint8 [S, S, 3], 'label': int32 []} (+ 'novel' if any).
+
+    With `resize=False` images keep their size (for a random-resized-crop augmentation).
+    """
+    image_key, label_key = cfg.image_key, cfg.label_key
+    size = cfg.image_size if resize else None
+    crop_fraction = cfg.get("eval_crop_fraction", 1.0)
 
     def features(record: Mapping[str, Any]) -> Example:
         for key in (image_key, label_key):
@@ -85,7 +99,7 @@ def classification_features(cfg: ml_collections.ConfigDict) -> Callable[[Mapping
                     f"set data.image_key / data.label_key"
                 )
         out = {
-            "image": _as_image(record[image_key], size),
+            "image": _as_image(record[image_key], size, crop_fraction),
             "label": np.asarray(record[label_key], np.int32),
         }
         if "novel" in record:
@@ -106,6 +120,7 @@ def train_dataset(
     seed: int,
     augment: str = "",
     augment_pad: int = 4,
+    image_size: int = 0,
     num_threads: int = 2,
     prefetch: int = 4,
     process_index: int = 0,
@@ -125,6 +140,8 @@ def train_dataset(
     the process count or the batch size changes between save and restore.
     """
     ops = parse_augment(augment)
+    if "random_resized_crop" in ops[1:]:
+        raise ValueError("data.augment: random_resized_crop must come first")
     ds = grain.MapDataset.source(source)
     if len(ds) < batch_size * process_count:
         raise ValueError(
@@ -134,7 +151,7 @@ def train_dataset(
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.map(features)
     ds = ds.random_map(
-        lambda ex, rng: {**ex, "image": _augment(ex["image"], rng, ops, augment_pad)},
+        lambda ex, rng: {**ex, "image": _augment(ex["image"], rng, ops, augment_pad, image_size)},
         seed=seed + 1,
     )
     ds = ds[start_example:].batch(batch_size, drop_remainder=True)[process_index::process_count]

@@ -11,21 +11,9 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from vlmjax.data import shapes
-
-
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [size, size, 3]: resize the short side, crop the centre."""
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top : top + size, left : left + size]
 
 
 def _tfds_builder(name: str, data_dir: str | None):

@@ -55,9 +55,11 @@ def train_dataset(
     start_example: int = 0,
 ) -> grain.IterDataset:
     source, _ = sources.classification_source(config.data, config.data.train_split)
+    crop = "random_resized_crop" in pipeline.parse_augment(config.data.augment)
     return pipeline.train_dataset(
         source,
-        pipeline.classification_features(config.data),
+        pipeline.classification_features(config.data, resize=not crop),
+        image_size=config.data.image_size,
         batch_size=config.batch_size // process_count,
         seed=config.seed,
         augment=config.data.augment,
