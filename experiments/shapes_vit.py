@@ -10,7 +10,9 @@ end, in under 10 minutes including building the dataset. `:tiny` is a seconds-lo
 for tests.
 """
 
-from vlmjax import defaults
+from vlmjax import defaults, sweep
+
+VARIANTS = ("tiny",)
 
 
 def get_config(arg=None):
@@ -70,3 +72,11 @@ def get_config(arg=None):
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; use experiments/shapes_vit.py or :tiny")
     return c
+
+
+def get_sweep(arg=None):
+    """Learning rate x depth, 4 runs in WORKDIR/<key=value,...>; finished runs are skipped:
+
+    vlmjax sweep --config experiments/shapes_vit.py:tiny --workdir /tmp/sweep [--dry_run]
+    """
+    return sweep.product({"optimizer.learning_rate": [1e-3, 3e-3], "model.depth": [2, 4]})

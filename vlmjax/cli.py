@@ -2,6 +2,7 @@
 
     vlmjax train --config experiments/NAME.py[:arg] --workdir DIR [--config.key=value ...]
     vlmjax eval --workdir DIR [--step N] [--config.key=value ...]
+    vlmjax sweep --config experiments/NAME.py[:arg] --workdir ROOT [--launcher slurm] [--dry_run]
 
 Multi-process runs add --coordinator_address/--num_processes/--process_id (or the
 VLMJAX_* environment variables, or nothing under SLURM and on TPU pods): see distributed.py.
@@ -16,6 +17,7 @@ import os
 import sys
 
 from vlmjax import config as config_lib
+from vlmjax import sweep
 
 log = logging.getLogger("vlmjax")
 
@@ -42,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--step", type=int, help="a kept step (default: the latest)")
     _add_cluster_flags(evaluate)
+    sweep.add_parser(commands)
     return parser
 
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmjax: error: {e}", file=sys.stderr)
         return 2
     args = _parser().parse_args(rest)
+    if args.command == "sweep":  # runs each point as its own `vlmjax train` process
+        return sweep.main(args, overrides)
 
     from vlmjax import distributed  # imports JAX: keep `vlmjax --help` fast
 

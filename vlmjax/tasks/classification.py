@@ -19,9 +19,9 @@ import optax
 
 from vlmjax import config as config_lib
 from vlmjax.data import pipeline, sources
-from vlmjax.models import vit
+from vlmjax.models import convnets, vit
 
-MODELS = {"vit": vit.ViT}
+MODELS = {"vit": vit.ViT, "resnet": convnets.ResNet, "alexnet": convnets.AlexNet}
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -31,15 +31,23 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
             f"model_name={config.model_name!r} is not one of {sorted(MODELS)}"
         )
     cls = MODELS[config.model_name]
-    num_classes = sources.num_classes(config.data)
     kwargs = config_lib.module_kwargs(cls, config.model.to_dict(), "model")
-    if kwargs.get("num_classes", num_classes) != num_classes:
-        raise config_lib.ConfigError(
-            f"model.num_classes={kwargs['num_classes']} but dataset '{config.data.name}' has "
-            f"{num_classes} classes; remove model.num_classes or set it to {num_classes}"
-        )
-    kwargs["num_classes"] = num_classes
+    # An explicit model.num_classes needs no prepared data to build the model (configs of
+    # datasets this machine lacks still build); train_dataset checks it against the data.
+    if not kwargs.get("num_classes"):
+        kwargs["num_classes"] = sources.num_classes(config.data)
     return cls(**kwargs)
+
+
+def _checked_source(config: ml_collections.ConfigDict, split: str):
+    source, num_classes = sources.classification_source(config.data, split)
+    expected = config.model.get("num_classes")
+    if expected and expected != num_classes:
+        raise config_lib.ConfigError(
+            f"model.num_classes={expected} but dataset '{config.data.name}' has {num_classes} "
+            f"classes; set --config.model.num_classes={num_classes}"
+        )
+    return source
 
 
 def init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -54,7 +62,7 @@ def train_dataset(
     process_count: int,
     start_example: int = 0,
 ) -> grain.IterDataset:
-    source, _ = sources.classification_source(config.data, config.data.train_split)
+    source = _checked_source(config, config.data.train_split)
     crop = "random_resized_crop" in pipeline.parse_augment(config.data.augment)
     return pipeline.train_dataset(
         source,
@@ -79,7 +87,7 @@ def eval_splits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def eval_dataset(
     config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
 ):
-    source, _ = sources.classification_source(config.data, split)
+    source = _checked_source(config, split)
     return pipeline.eval_batches(
         source,
         pipeline.classification_features(config.data),
