@@ -19,6 +19,25 @@ Dtype = jnp.dtype | str
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# "gelu" is exact (the original ViT, Hugging Face); "gelu_tanh" is flax's default form.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not one of {list(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
     """Shorthand for an initialiser annotated with logical axis names."""
     return nn.with_logical_partitioning(init, names)
@@ -126,13 +145,18 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Transformer feed-forward block: Dense(mlp_dim) -> GELU -> Dense(width)."""
+    """Transformer feed-forward block: Dense(mlp_dim) -> GELU -> Dense(width).
+
+    `activation` (a name in ACTIVATIONS), when set, replaces the GELU chosen by
+    `approximate_gelu`.
+    """
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
     dropout: float = 0.0
     # Exact GELU as in the original ViT and Hugging Face; flax's default is the tanh form.
     approximate_gelu: bool = False
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -145,7 +169,10 @@ class Mlp(nn.Module):
             name="fc1",
         )(x)  # [b, l, mlp]
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-        h = nn.gelu(h, approximate=self.approximate_gelu)
+        if self.activation is None:
+            h = nn.gelu(h, approximate=self.approximate_gelu)
+        else:
+            h = activation_fn(self.activation)(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         out = nn.Dense(
             width,
@@ -157,8 +184,10 @@ class Mlp(nn.Module):
         return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm with logical axes; eps 1e-6 is flax's default (HF ViT: 1e-12, CLIP: 1e-5)."""
     return nn.LayerNorm(
+        epsilon=epsilon,
         dtype=dtype,
         scale_init=partitioned(nn.initializers.ones, ("embed",)),
         bias_init=partitioned(nn.initializers.zeros, ("embed",)),

@@ -44,26 +44,41 @@ def parse_variant(variant: str) -> dict[str, int]:
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)). [b, l, d] -> [b, l, d]."""
+    """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)). [b, l, d] -> [b, l, d].
+
+    `is_causal`, `activation` and `eps` let CLIP's text tower (causal, quick_gelu, eps 1e-5)
+    reuse the block.
+    """
 
     num_heads: int
     mlp_dim: int
     dropout: float = 0.0
     dtype: layers.Dtype = jnp.float32
     attention: str = "xla"
+    is_causal: bool = False
+    activation: str = "gelu"
+    eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        y = layers.layer_norm(self.dtype, name="norm1")(x)
+        y = layers.layer_norm(self.dtype, name="norm1", epsilon=self.eps)(x)
         y = layers.MultiHeadAttention(
-            self.num_heads, dtype=self.dtype, implementation=self.attention, name="attn"
+            self.num_heads,
+            dtype=self.dtype,
+            implementation=self.attention,
+            is_causal=self.is_causal,
+            name="attn",
         )(y)
         x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        y = layers.layer_norm(self.dtype, name="norm2")(x)
-        y = layers.Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, name="mlp")(
-            y, deterministic
-        )
+        y = layers.layer_norm(self.dtype, name="norm2", epsilon=self.eps)(x)
+        y = layers.Mlp(
+            self.mlp_dim,
+            dtype=self.dtype,
+            dropout=self.dropout,
+            activation=self.activation,
+            name="mlp",
+        )(y, deterministic)
         x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
         # (carry, per-layer output) so the same block works under nn.scan.
         return x, None
@@ -80,6 +95,9 @@ class Encoder(nn.Module):
     attention: str = "xla"
     scan: bool = False
     remat: str = "none"
+    is_causal: bool = False
+    activation: str = "gelu"
+    eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -95,6 +113,9 @@ class Encoder(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             attention=self.attention,
+            is_causal=self.is_causal,
+            activation=self.activation,
+            eps=self.eps,
         )
         if self.scan:
             stack = nn.scan(
@@ -109,7 +130,7 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block(**kwargs, name=f"layer_{i}")(x, deterministic)
-        return layers.layer_norm(self.dtype, name="norm")(x)
+        return layers.layer_norm(self.dtype, name="norm", epsilon=self.eps)(x)
 
 
 class ViT(nn.Module):
@@ -117,6 +138,10 @@ class ViT(nn.Module):
 
     With `num_classes=0` it returns the pooled representation [b, width] instead (used as
     an image tower).
+
+    OpenAI CLIP's image tower is `pool="cls", pre_norm=True, activation="quick_gelu",
+    eps=1e-5`: its `ln_pre` is `pre_norm`, and its `ln_post` (on the class token) is the
+    encoder's final norm, since LayerNorm acts on each token alone.
     """
 
     num_classes: int = 1000
@@ -133,6 +158,9 @@ class ViT(nn.Module):
     scan: bool = False
     remat: str = "none"
     head_zero_init: bool = True
+    activation: str = "gelu"
+    eps: float = 1e-6
+    pre_norm: bool = False
 
     def hparams(self) -> dict[str, int]:
         if self.variant:
@@ -168,6 +196,8 @@ class ViT(nn.Module):
             x = jnp.concatenate(
                 [jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])).astype(dtype), x], axis=1
             )
+        if self.pre_norm:
+            x = layers.layer_norm(dtype, name="pre_norm", epsilon=self.eps)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = Encoder(
             depth=hp["depth"],
@@ -178,6 +208,8 @@ class ViT(nn.Module):
             attention=self.attention,
             scan=self.scan,
             remat=self.remat,
+            activation=self.activation,
+            eps=self.eps,
             name="encoder",
         )(x, not train)  # [b, n(+1), d]
         pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)  # [b, d]

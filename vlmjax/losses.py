@@ -1,0 +1,256 @@
+"""Contrastive image-text losses over the global batch: CLIP (softmax) and SigLIP (sigmoid).
+
+Both take L2-normalised embeddings `zimg`, `ztxt` [B, d] and a learnable `log_scale`;
+logits are `exp(log_scale) * zimg @ ztxt.T + bias` [B, B], computed in float32 whatever the
+input dtype. Positives are on the diagonal.
+
+- `kind="softmax"` (CLIP, Radford et al. 2021): mean of the image->text and text->image
+  cross-entropies. A scalar `bias` shifts every logit of a row alike, so it cancels (loss
+  unchanged, zero gradient); it is accepted so one model can switch kinds.
+- `kind="sigmoid"` (SigLIP, Zhai et al. 2023): sum over all B*B pairs of
+  `-log sigmoid(label * logit)`, label +1 on the diagonal and -1 elsewhere, divided by B.
+
+`contrastive_loss_reference` is the plain computation on the full batch (the ground truth).
+`contrastive_loss` runs on global arrays sharded over the batch axes of a mesh, inside a
+`jax.shard_map` where each of the n devices holds b = B / n rows:
+
+- `impl="all_gather"`: each device gathers the other tower [B, d] and builds its rows of the
+  logits [b, B] (the big_vision / open_clip way). Memory O(b x B) per device.
+- `impl="chunked"`: the other tower's blocks travel around the device ring (`lax.ppermute`,
+  n steps); each step builds one [b, b] block and folds it into an online log-sum-exp
+  (softmax) or a running sum of softplus (sigmoid). A `jax.custom_vjp` makes the backward
+  pass rotate the blocks again and recompute each [b, b] block instead of saving n of them,
+  so memory stays O(b x b + b x d). This is the ring formulation of the SigLIP paper (its
+  "chunked" implementation), extended to the softmax loss with an online log-sum-exp.
+
+Metrics: `loss`, and for softmax `i2t_accuracy` / `t2i_accuracy`, the fraction of rows whose
+largest logit is the positive (in-batch retrieval), in all implementations. The chunked impl
+counts a row as correct when its positive logit equals the row maximum, which differs from
+argmax only on exact ties.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from vlmjax.mesh import BATCH_AXES
+
+KINDS = ("softmax", "sigmoid")
+IMPLS = ("all_gather", "chunked")
+
+
+def _check(kind: str, impl: str | None = None) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown contrastive loss kind={kind!r}; valid kinds: {KINDS}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"unknown contrastive loss impl={impl!r}; valid impls: {IMPLS}")
+
+
+def _bias(bias) -> jax.Array:
+    return jnp.zeros((), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+
+
+def contrastive_loss_reference(zimg, ztxt, log_scale, bias=None, *, kind: str):
+    """Plain single-device loss on the full batch; zimg, ztxt [B, d] -> (loss, metrics)."""
+    _check(kind)
+    x, y = zimg.astype(jnp.float32), ztxt.astype(jnp.float32)
+    n = x.shape[0]
+    logits = jnp.exp(jnp.asarray(log_scale, jnp.float32)) * x @ y.T + _bias(bias)  # [B, B]
+    if kind == "softmax":
+        i2t = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1))  # [B]
+        t2i = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0))  # [B]
+        loss = 0.5 * (i2t.mean() + t2i.mean())
+        labels = jnp.arange(n)
+        metrics = {
+            "loss": loss,
+            "i2t_accuracy": jnp.mean(jnp.argmax(logits, axis=1) == labels),
+            "t2i_accuracy": jnp.mean(jnp.argmax(logits, axis=0) == labels),
+        }
+        return loss, metrics
+    labels = 2.0 * jnp.eye(n) - 1.0  # [B, B] +1 on the diagonal, -1 elsewhere
+    loss = -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
+    return loss, {"loss": loss}
+
+
+def contrastive_loss(
+    zimg,
+    ztxt,
+    log_scale,
+    bias=None,
+    *,
+    kind: str,
+    impl: str,
+    mesh: Mesh,
+    axes: Sequence[str] = BATCH_AXES,
+):
+    """The loss on global zimg, ztxt [B, d] sharded over `axes` of `mesh`; call inside jit.
+
+    `log_scale` and `bias` are replicated scalars. Returns (loss, metrics), replicated.
+    """
+    _check(kind, impl)
+    axes = tuple(axes)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if zimg.shape != ztxt.shape or zimg.ndim != 2:
+        raise ValueError(f"zimg {zimg.shape} and ztxt {ztxt.shape} must both be [B, d]")
+    if zimg.shape[0] % n:
+        raise ValueError(
+            f"batch size {zimg.shape[0]} is not divisible by the {n} devices along axes "
+            f"{axes} (mesh shape {dict(mesh.shape)}); use a multiple of {n}"
+        )
+    local = _local_all_gather if impl == "all_gather" else _local_chunked
+    fn = functools.partial(local, kind=kind, axes=axes, n=n, global_batch=zimg.shape[0])
+    batch, rep = PartitionSpec(axes), PartitionSpec()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, rep, rep), out_specs=(rep, rep))(
+        zimg, ztxt, jnp.asarray(log_scale, jnp.float32), _bias(bias)
+    )
+
+
+def _local_all_gather(x, y, log_scale, bias, *, kind, axes, n, global_batch):
+    """Per-device body of impl="all_gather"; x, y [b, d] are this device's rows."""
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    b = x.shape[0]
+    scale = jnp.exp(log_scale)
+    labels = lax.axis_index(axes) * b + jnp.arange(b)  # [b] global column of each positive
+    y_all = lax.all_gather(y, axes, tiled=True)  # [B, d]
+    i2t = scale * x @ y_all.T + bias  # [b, B] local images x global texts
+    if kind == "sigmoid":
+        signs = 2.0 * jax.nn.one_hot(labels, global_batch) - 1.0  # [b, B]
+        loss = lax.psum(-jnp.sum(jax.nn.log_sigmoid(signs * i2t)), axes) / global_batch
+        return loss, {"loss": loss}
+    x_all = lax.all_gather(x, axes, tiled=True)  # [B, d]
+    t2i = scale * y @ x_all.T + bias  # [b, B] local texts x global images
+    rows = jnp.arange(b)
+    xent = jax.nn.logsumexp(i2t, axis=1) - i2t[rows, labels]  # [b]
+    xent += jax.nn.logsumexp(t2i, axis=1) - t2i[rows, labels]  # [b]
+    loss = lax.psum(jnp.sum(xent), axes) / (2 * global_batch)
+    metrics = {
+        "loss": loss,
+        "i2t_accuracy": lax.psum(jnp.sum(jnp.argmax(i2t, 1) == labels), axes) / global_batch,
+        "t2i_accuracy": lax.psum(jnp.sum(jnp.argmax(t2i, 1) == labels), axes) / global_batch,
+    }
+    return loss, metrics
+
+
+def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch):
+    """Per-device body of impl="chunked"; x, y [b, d] are this device's rows.
+
+    The positives are written with plain autodiff; only the all-pairs row reductions go
+    through the ring (`_ring_rows`, with its own backward pass).
+    """
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    scale = jnp.exp(log_scale)
+    pos = scale * jnp.sum(x * y, axis=1)  # [b] positive logits (bias added below)
+    if kind == "sigmoid":
+        # -log sigmoid(-z) = softplus(z) for every pair; the positives instead need
+        # -log sigmoid(z) = softplus(z) - z, hence the correction `- (pos + bias)`.
+        rowsum, _ = _ring_rows(scale * x, y, bias, "sigmoid", axes, n)  # [b]
+        loss = lax.psum(jnp.sum(rowsum - (pos + bias)), axes) / global_batch
+        return loss, {"loss": loss}
+    # A scalar bias cancels in the softmax loss, so it is left out of the ring.
+    lse_i2t, (max_i2t, diag_i2t) = _ring_rows(scale * x, y, 0.0, "softmax", axes, n)  # [b]
+    lse_t2i, (max_t2i, diag_t2i) = _ring_rows(scale * y, x, 0.0, "softmax", axes, n)  # [b]
+    loss = lax.psum(jnp.sum(lse_i2t + lse_t2i - 2.0 * pos), axes) / (2 * global_batch)
+    metrics = {
+        "loss": loss,
+        "i2t_accuracy": lax.psum(jnp.sum(diag_i2t >= max_i2t), axes) / global_batch,
+        "t2i_accuracy": lax.psum(jnp.sum(diag_t2i >= max_t2i), axes) / global_batch,
+    }
+    return loss, metrics
+
+
+def _shift(tree, axes, n):
+    """Every device sends to its predecessor on the flattened ring over `axes`.
+
+    After t shifts, device k holds what device (k + t) % n started with; after n shifts,
+    its own again. Collectives over a tuple of axes index devices row-major over them, the
+    same order as `axis_index(axes)` and the `PartitionSpec(axes)` batch layout.
+    """
+    perm = [(k, (k - 1) % n) for k in range(n)]
+    return jax.tree.map(lambda v: lax.ppermute(v, axes, perm), tree)
+
+
+def _ring_forward(a, bmat, c, kind, axes, n):
+    """Row reductions over all global columns of z = a @ B.T + c, one [b, b] block a step.
+
+    softmax: (logsumexp_j z_ij, (max_j z_ij, z_ii)); sigmoid: (sum_j softplus(z_ij), ()).
+    a, bmat [b, d] (bmat: this device's block of the global [B, d]); c scalar or [b].
+    """
+
+    def block(blk):
+        return a @ blk.T + jnp.reshape(c, (-1, 1))  # [b, b] local rows x one column block
+
+    z = block(bmat)
+    if kind == "sigmoid":
+
+        def step(_, carry):
+            blk, acc = carry
+            blk = _shift(blk, axes, n)
+            return blk, acc + jnp.sum(jax.nn.softplus(block(blk)), axis=1)
+
+        init = (bmat, jnp.sum(jax.nn.softplus(z), axis=1))
+        _, rowsum = lax.fori_loop(1, n, step, init)
+        return rowsum, ()
+
+    def step(_, carry):  # online log-sum-exp: running max m and total of exp(z - m)
+        blk, m, total = carry
+        blk = _shift(blk, axes, n)
+        z = block(blk)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))  # [b]
+        total = total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        return blk, m_new, total
+
+    m0 = jnp.max(z, axis=1)  # [b]
+    init = (bmat, m0, jnp.sum(jnp.exp(z - m0[:, None]), axis=1))
+    _, m, total = lax.fori_loop(1, n, step, init)
+    # The positive z_ii comes from the same matmul as the maxima, so `z_ii >= max` is exact.
+    return m + jnp.log(total), (m, jnp.diagonal(z))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _ring_rows(a, bmat, c, kind, axes, n):
+    """`_ring_forward` with a backward pass that rotates the blocks again (O(b x b) memory).
+
+    Only the first output (the row reduction) is differentiable; the second is for metrics.
+    """
+    return _ring_forward(a, bmat, c, kind, axes, n)
+
+
+def _ring_rows_fwd(a, bmat, c, kind, axes, n):
+    out, aux = _ring_forward(a, bmat, c, kind, axes, n)
+    return (out, aux), (a, bmat, c, out)
+
+
+def _ring_rows_bwd(kind, axes, n, res, cotangents):
+    a, bmat, c, out = res
+    g = cotangents[0]  # [b]; the metric outputs carry no gradient
+
+    def grads(blk):
+        z = a @ blk.T + jnp.reshape(c, (-1, 1))  # [b, b] recomputed, never stored
+        # d softplus(z) = sigmoid(z); d logsumexp_j(z_ij) = exp(z_ij - lse_i).
+        p = jax.nn.sigmoid(z) if kind == "sigmoid" else jnp.exp(z - out[:, None])
+        dz = g[:, None] * p  # [b, b]
+        return dz @ blk, dz.T @ a, jnp.sum(dz, axis=1)  # [b, d], [b, d] for blk, [b]
+
+    def step(_, carry):
+        blk, dblk, da, dc = carry
+        blk, dblk = _shift((blk, dblk), axes, n)  # the block's gradient travels with it
+        da_t, dblk_t, dc_t = grads(blk)
+        return blk, dblk + dblk_t, da + da_t, dc + dc_t
+
+    da, dblk, dc = grads(bmat)
+    _, dblk, da, dc = lax.fori_loop(1, n, step, (bmat, dblk, da, dc))
+    dbmat = _shift(dblk, axes, n)  # n-th shift: each block's gradient is back home
+    # c is a replicated scalar (sigmoid bias) or a constant; its gradient sums every row of
+    # every device. Returned invariant, matching the replicated input.
+    dc = lax.psum(jnp.sum(dc), axes) if jnp.ndim(c) == 0 else dc
+    return da, dbmat, jnp.asarray(dc, jnp.result_type(c)).reshape(jnp.shape(c))
+
+
+_ring_rows.defvjp(_ring_rows_fwd, _ring_rows_bwd)

@@ -1,0 +1,90 @@
+"""CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023) two-tower models.
+
+An image tower (`vit.ViT`, pooled, no head) and a text tower (`text.TextTransformer`), each
+followed by a bias-free linear projection to `embed_dim` and L2 normalisation, plus a
+learnable log temperature and, for the sigmoid loss, a learnable bias. Losses live
+elsewhere; this module only produces the embeddings and the two scalars.
+
+Parameters: `image_tower/...`, `text_tower/...`, `image_proj/kernel` [width_img, E],
+`text_proj/kernel` [width_txt, E], `log_scale` [], and `bias` [] when `sigmoid_bias` is set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.models import layers, text, vit
+
+# OpenAI CLIP ViT-B/16's image tower. A `vision` dict is merged over this; to give sizes
+# explicitly, pass `variant=None` with width/depth/mlp_dim/num_heads/patch_size.
+VISION_DEFAULTS = dict(variant="B/16", pool="cls", pre_norm=True, activation="quick_gelu", eps=1e-5)
+
+
+class CLIP(nn.Module):
+    """images [b, H, W, 3] and tokens [b, L] -> unit-norm embeddings [b, embed_dim] float32.
+
+    `vision` holds ViT fields (merged over VISION_DEFAULTS; `num_classes` is forced to 0),
+    `text` holds TextTransformer fields (merged over its defaults). A tower without its own
+    `dtype` computes in this module's `dtype`. Parameters stay float32.
+    """
+
+    embed_dim: int = 512
+    vision: dict | None = None
+    text: dict | None = None
+    init_temperature: float = 0.07
+    max_scale: float = 100.0
+    sigmoid_bias: float | None = None
+    dtype: str = "float32"
+
+    def setup(self):
+        vision_cfg = {"dtype": self.dtype, **VISION_DEFAULTS, **(self.vision or {})}
+        text_cfg = {"dtype": self.dtype, **(self.text or {})}
+        self.image_tower = vit.ViT(**{**vision_cfg, "num_classes": 0})
+        self.text_tower = text.TextTransformer(**text_cfg)
+
+        def projection():
+            return nn.Dense(
+                self.embed_dim,
+                use_bias=False,
+                dtype=jnp.dtype(self.dtype),
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            )
+
+        self.image_proj = projection()
+        self.text_proj = projection()
+        self.log_scale = self.param(
+            "log_scale",
+            nn.initializers.constant(math.log(1.0 / self.init_temperature)),
+            (),
+        )
+        if self.sigmoid_bias is not None:
+            self.bias = self.param("bias", nn.initializers.constant(self.sigmoid_bias), ())
+
+    def _embed(self, proj: nn.Dense, x: jax.Array) -> jax.Array:
+        z = proj(x.astype(jnp.dtype(self.dtype))).astype(jnp.float32)  # [b, E]
+        # Normalise in float32; the epsilon only guards an all-zero row.
+        return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+
+    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """images [b, H, W, 3] (normalised floats) -> [b, embed_dim] float32, unit norm."""
+        return self._embed(self.image_proj, self.image_tower(images, train=train))
+
+    def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        """tokens [b, L] int -> [b, embed_dim] float32, unit norm."""
+        return self._embed(self.text_proj, self.text_tower(tokens, train=train))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict:
+        """Returns dict(zimg [b, E], ztxt [b, E], log_scale [] clamped to log(max_scale),
+        bias [] or None); all float32. The logit scale is exp(log_scale)."""
+        return dict(
+            zimg=self.encode_image(images, train=train),
+            ztxt=self.encode_text(tokens, train=train),
+            # The CLIP paper clips the scale at 100; clamping here (not the parameter, as
+            # open_clip does after each step) keeps the update step free of model details.
+            log_scale=jnp.minimum(self.log_scale, math.log(self.max_scale)),
+            bias=self.bias if self.sigmoid_bias is not None else None,
+        )
