@@ -52,20 +52,8 @@ def get_config(arg=None):
     c.optimizer.grad_clip_norm = 0.0
 
     if arg == "smoke":
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.total_steps = 3
-        c.log_every = 1
-        c.eval_every = 3
-        c.checkpoint_every = 3
-        c.data.name = "shapes"
-        c.data.train_split, c.data.eval_split = "train", "heldout"
-        c.data.image_size = 64  # the 224-sized layer stack needs >= 63 px
-        c.data.num_train, c.data.num_heldout = 512, 64
-        c.data.eval_max_examples = 64
-        c.data.eval_crop_fraction = 1.0
-        c.data.num_threads = 2
-        c.model.num_classes = 6
+        # The 224-sized layer stack needs >= 63 px.
+        defaults.smoke_on_shapes(c, image_size=64, num_train=512, num_heldout=64)
         c.model.hidden = 64
         c.model.channels = (8, 16, 16, 16, 16)
     elif arg:

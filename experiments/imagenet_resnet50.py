@@ -53,26 +53,12 @@ def get_config(arg=None):
     c.optimizer.grad_clip_norm = 0.0
 
     if arg == "smoke":
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.total_steps = 3
-        c.log_every = 1
-        c.eval_every = 3
-        c.checkpoint_every = 3
+        defaults.smoke_on_shapes(c)
         c.dtype = "float32"
-        c.data.name = "shapes"
-        c.data.train_split, c.data.eval_split = "train", "heldout"
-        c.data.image_size = 32
-        c.data.num_train, c.data.num_heldout = 4096, 256
-        c.data.eval_max_examples = 64
-        c.data.eval_crop_fraction = 1.0
-        c.data.num_threads = 2
-        c.model.num_classes = 6
         c.model.depth = 50
         c.model.width = 8
         c.model.stage_sizes = (1, 1, 1, 1)
         c.optimizer.learning_rate = 0.1 * c.batch_size / 256
-        c.optimizer.warmup_steps = 1
     elif arg:
         raise ValueError(f"unknown variant {arg!r}; use experiments/imagenet_resnet50.py or :smoke")
     return c

@@ -55,3 +55,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_name = "vit"
     c.model = ml_collections.ConfigDict()
     return c
+
+
+def smoke_on_shapes(
+    c: ml_collections.ConfigDict,
+    image_size: int = 32,
+    num_train: int = 4096,
+    num_heldout: int = 256,
+) -> None:
+    """Turns a full-size recipe into a 3-step run on the embedded data, in place: what CI
+    runs for recipes whose dataset (e.g. ImageNet) is not on the machine."""
+    c.batch_size, c.eval_batch_size = 16, 32
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 3, 3
+    c.data.name = "shapes"
+    c.data.train_split, c.data.eval_split = "train", "heldout"
+    c.data.image_size = image_size
+    c.data.num_train, c.data.num_heldout = num_train, num_heldout
+    c.data.eval_max_examples = 64
+    c.data.eval_crop_fraction = 1.0
+    c.data.num_threads = 2
+    c.model.num_classes = 6
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
