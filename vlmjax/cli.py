@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             metrics = train.train(config, args.workdir)
-            if jax.process_index() == 0:
+            if jax.process_index() == 0 and metrics:
                 print(f"final ({config.data.eval_split}): {_summary(metrics)}")
         else:
             step, metrics = train.evaluate_checkpoint(config, args.workdir, args.step)

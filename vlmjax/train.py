@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vlmjax import checkpoint, optim, tasks, writers
@@ -252,6 +255,33 @@ def evaluate_checkpoint(
         return int(state.step), evaluate(task, config, run.eval_step, state, run.batch_sharding)
 
 
+class Preemption:
+    """SIGTERM (a scheduler's preemption notice) -> stop at a step boundary with a checkpoint.
+
+    Multi-process runs ask JAX's preemption sync point, so every process stops at the same
+    step (jax.distributed installs its own SIGTERM handler); a single process catches
+    SIGTERM itself, only while training, and puts the previous handler back afterwards.
+    """
+
+    def __enter__(self) -> Preemption:
+        self.requested, self._previous = False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
@@ -341,39 +371,54 @@ def train(
         eval_metrics: dict[str, float] = {}
         last_time, last_step = time.time(), first
         last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
-        for step in range(first + 1, last + 1):
-            batch = pipeline.to_global(next(train_iter), run.batch_sharding)
-            state, metrics = run.train_step(state, batch)
-            examples += config.batch_size
+        preempted = False
+        with Preemption() as preemption:
+            for step in range(first + 1, last + 1):
+                batch = pipeline.to_global(next(train_iter), run.batch_sharding)
+                state, metrics = run.train_step(state, batch)
+                examples += config.batch_size
 
-            if step % config.log_every == 0 or step == config.total_steps:
-                metrics = jax.device_get(metrics)
-                now = time.time()
-                metrics["train/examples_per_sec"] = (
-                    (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
-                )
-                last_time, last_step = now, step
-                if not np.isfinite(metrics["train/loss"]):
-                    raise FloatingPointError(
-                        f"train/loss is {metrics['train/loss']} at step {step}; lower "
-                        "optimizer.learning_rate or set optimizer.grad_clip_norm. The last "
-                        "checkpoint is kept."
+                if step % config.log_every == 0 or step == config.total_steps:
+                    metrics = jax.device_get(metrics)
+                    now = time.time()
+                    metrics["train/examples_per_sec"] = (
+                        (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
                     )
-                writer.write(step, metrics)
-                progress.update(step, metrics)
-            else:
-                progress.update(step)
+                    last_time, last_step = now, step
+                    if not np.isfinite(metrics["train/loss"]):
+                        raise FloatingPointError(
+                            f"train/loss is {metrics['train/loss']} at step {step}; lower "
+                            "optimizer.learning_rate or set optimizer.grad_clip_norm. The last "
+                            "checkpoint is kept."
+                        )
+                    writer.write(step, metrics)
+                    progress.update(step, metrics)
+                else:
+                    progress.update(step)
 
-            if (config.eval_every and step % config.eval_every == 0) or step == config.total_steps:
-                eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
-                writer.write(step, eval_metrics)
-                progress.update(step, eval_metrics)
-                last_time = time.time()  # keep eval time out of the throughput figure
+                at_end = step == config.total_steps
+                if (config.eval_every and step % config.eval_every == 0) or at_end:
+                    eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
+                    writer.write(step, eval_metrics)
+                    progress.update(step, eval_metrics)
+                    last_time = time.time()  # keep eval time out of the throughput figure
 
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == last:
-                checkpoint.save(mngr, step, state, {"examples": examples})
+                preempted = preemption.reached(step)
+                if (
+                    (config.checkpoint_every and step % config.checkpoint_every == 0)
+                    or step == last
+                    or preempted
+                ):
+                    checkpoint.save(mngr, step, state, {"examples": examples})
+                if preempted:
+                    log.warning(
+                        "preempted: stopped after step %d with a checkpoint; rerun the same "
+                        "command to resume",
+                        step,
+                    )
+                    break
 
-        if not eval_metrics and config.eval_every is not None:
+        if not eval_metrics and not preempted and config.eval_every is not None:
             # Resumed a finished run: evaluate the restored state so the caller gets numbers.
             eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
         mngr.wait_until_finished()

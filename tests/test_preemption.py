@@ -1,0 +1,42 @@
+"""SIGTERM (a scheduler's preemption notice) stops training with a checkpoint; rerun resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "vlmjax.cli", "train", "--workdir", workdir]
+    cmd += ["--config", os.path.join(ROOT, "experiments", "shapes_vit.py") + ":tiny"]
+    cmd += [f"--config.data.data_dir={data_dir}", "--config.total_steps=100000"]
+    cmd += ["--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(_logged_steps(workdir)) < 5:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-2000:]
+    assert "preempted: stopped after step" in output
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 5
+    assert saved[0] in _logged_steps(workdir)
+    assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
