@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import os
 from collections.abc import Iterable, Mapping
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -47,8 +48,8 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return "valid keys: " + ", ".join(sorted(valid))
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`; returns it locked."""
+def load_module(spec: str) -> tuple[ModuleType, str, str]:
+    """(module, path, arg) for an experiment `path/to/file.py[:arg]` (the file is executed)."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist (expected path/to/file.py[:arg])")
@@ -57,6 +58,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
     )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module, path, arg
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/file.py[:arg]` by calling its `get_config(arg)`; returns it locked."""
+    module, path, arg = load_module(spec)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} has no get_config(arg=None) function")
     takes_arg = bool(inspect.signature(module.get_config).parameters)

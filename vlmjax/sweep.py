@@ -25,7 +25,6 @@ import argparse
 import csv
 import dataclasses
 import hashlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -153,20 +152,9 @@ def run_name(overrides: Mapping[str, Any]) -> str:
 # --- planning ---------------------------------------------------------------------------------
 
 
-def _load_module(path: str):
-    name = "vlmjax_sweep_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def load_sweep(spec: str) -> list[Point]:
     """The points of `path.py[:arg]`'s `get_sweep(arg)`; config keys are not checked here."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise config_lib.ConfigError(f"config file {path!r} does not exist")
-    module = _load_module(path)
+    module, path, arg = config_lib.load_module(spec)
     if not hasattr(module, "get_sweep"):
         raise config_lib.ConfigError(
             f"{path} has no get_sweep(arg=None) returning a list of override dicts "
