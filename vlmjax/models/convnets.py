@@ -201,14 +201,8 @@ class ResNet(nn.Module):
         if not self.num_classes:
             return pooled
         head_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal()
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(head_init, ("embed", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(pooled)  # [b, num_classes]
-        return logits.astype(jnp.float32)
+        logits = layers.classifier_head(self.num_classes, dtype, head_init)(pooled)
+        return logits.astype(jnp.float32)  # [b, num_classes]
 
 
 def local_response_norm(
@@ -332,11 +326,5 @@ class AlexNet(nn.Module):
                 name=name,
             )(x)  # [b, hidden]
             x = nn.relu(x)
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(x)  # [b, num_classes]
-        return logits.astype(jnp.float32)
+        logits = layers.classifier_head(self.num_classes, dtype, nn.initializers.lecun_normal())(x)
+        return logits.astype(jnp.float32)  # [b, num_classes]

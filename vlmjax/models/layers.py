@@ -195,6 +195,18 @@ def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> 
     )
 
 
+def classifier_head(num_classes: int, dtype: Dtype, kernel_init: Callable) -> nn.Dense:
+    """The final Dense "head" of a classifier: [b, d] -> logits [b, num_classes] in `dtype`
+    (callers cast to float32), with a zero bias and (embed, classes) logical axes."""
+    return nn.Dense(
+        num_classes,
+        dtype=dtype,
+        kernel_init=partitioned(kernel_init, ("embed", "classes")),
+        bias_init=partitioned(nn.initializers.zeros, ("classes",)),
+        name="head",
+    )
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches, linearly projected: [b, H, W, c] -> [b, H/p * W/p, width]."""
 

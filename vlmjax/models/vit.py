@@ -218,11 +218,6 @@ class ViT(nn.Module):
         head_init = (
             nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
         )
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=dtype,
-            kernel_init=layers.partitioned(head_init, ("embed", "classes")),
-            bias_init=layers.partitioned(nn.initializers.zeros, ("classes",)),
-            name="head",
-        )(pooled)
-        return logits.astype(jnp.float32)
+        return layers.classifier_head(self.num_classes, dtype, head_init)(pooled).astype(
+            jnp.float32
+        )
