@@ -12,19 +12,7 @@ from vlmjax import defaults
 
 
 def get_config(arg=None):
-    c = defaults.base_config()
-    c.task = "classification"
-    c.batch_size = 128
-    c.eval_batch_size = 500
-    c.total_steps = 800
-    c.log_every = 50
-    c.eval_every = 400
-    c.checkpoint_every = 400
-
-    c.data.name = "shapes"
-    c.data.image_size = 32
-    # Colour-blind by construction: see experiments/shapes_vit.py.
-    c.data.augment = "flip,channel_shuffle"
+    c = defaults.shapes_classification(total_steps=800, eval_every=400)
 
     c.model_name = "alexnet"
     c.model.channels = (32, 64, 96, 64, 64)

@@ -11,19 +11,7 @@ from vlmjax import defaults
 
 
 def get_config(arg=None):
-    c = defaults.base_config()
-    c.task = "classification"
-    c.batch_size = 128
-    c.eval_batch_size = 500
-    c.total_steps = 600
-    c.log_every = 50
-    c.eval_every = 300
-    c.checkpoint_every = 300
-
-    c.data.name = "shapes"
-    c.data.image_size = 32
-    # Colour-blind by construction: see experiments/shapes_vit.py.
-    c.data.augment = "flip,channel_shuffle"
+    c = defaults.shapes_classification(total_steps=600, eval_every=300)
 
     c.model_name = "resnet"
     c.model.block = "basic"

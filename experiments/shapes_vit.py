@@ -16,20 +16,7 @@ VARIANTS = ("tiny",)
 
 
 def get_config(arg=None):
-    c = defaults.base_config()
-    c.task = "classification"
-    c.batch_size = 128
-    c.eval_batch_size = 500
-    c.total_steps = 2500
-    c.log_every = 50
-    c.eval_every = 500
-    c.checkpoint_every = 500
-
-    c.data.name = "shapes"
-    c.data.image_size = 32
-    # The label is the shape's kind; shuffling RGB makes the classifier colour-blind, so the
-    # (kind, colour) pairs held out of `train` are no harder than the seen ones.
-    c.data.augment = "flip,channel_shuffle"
+    c = defaults.shapes_classification(total_steps=2500, eval_every=500)
 
     c.model_name = "vit"
     c.model.width = 128
