@@ -21,6 +21,8 @@ from vlmjax.convert import tensors as tensors_lib
 # config.json model_type -> converter module (imported on use: each pulls in its model).
 CONVERTERS = {
     "resnet": "vlmjax.convert.hf_resnet",
+    "fuyu": "vlmjax.convert.hf_fuyu",
+    "clip": "vlmjax.convert.hf_clip",
 }
 
 

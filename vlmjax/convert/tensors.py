@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from vlmjax import mesh
@@ -24,14 +26,64 @@ SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"  # large models: {"weight_map": {name: file}}
 
 
+# safetensors dtype names -> numpy dtypes. safetensors.numpy refuses the ones numpy lacks
+# (bfloat16, float8), in which most published LLM checkpoints are stored; ml_dtypes (a JAX
+# dependency) has them.
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_NOT_IN_NUMPY = ("BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    """(header JSON, byte offset of the data) of a safetensors file: an 8-byte
+    little-endian header size, the header, then the raw little-endian tensor bytes."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """{name: array} of one safetensors file, bfloat16 and float8 tensors included.
+
+    Files whose dtypes numpy has go through safetensors.numpy; the others are memory-mapped
+    here and viewed as ml_dtypes arrays (read-only; `TensorPool.pop` copies to float32).
+    """
+    from safetensors.numpy import load_file  # imported here: only converters need it
+
+    header, start = _safetensors_header(path)
+    header.pop("__metadata__", None)
+    if not any(info["dtype"] in _NOT_IN_NUMPY for info in header.values()):
+        return load_file(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        raw = data[start + begin : start + end]
+        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors
+
+
 def read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(config.json as a dict, {tensor name: array}) of a `save_pretrained` folder.
 
     Only safetensors (single file or sharded with an index) are read: pickled
     `pytorch_model.bin` files would need torch here and can run arbitrary code.
     """
-    from safetensors.numpy import load_file  # imported here: only converters need it
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory (expected a save_pretrained folder)")
     config_path = os.path.join(path, "config.json")
@@ -55,7 +107,7 @@ def read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        tensors.update(load_file(os.path.join(path, name)))
+        tensors.update(load_safetensors(os.path.join(path, name)))
     return config, tensors
 
 

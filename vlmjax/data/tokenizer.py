@@ -1,7 +1,8 @@
 """Offline text tokenizers producing fixed-length int32 token arrays for a CLIP-style text tower.
 
-Every tokenizer follows the `Tokenizer` protocol below, so a byte-level BPE tokenizer (e.g.
-CLIP's) can later be dropped in next to `WordTokenizer` without touching its callers:
+Every tokenizer follows the `Tokenizer` protocol below, so CLIP's byte-level BPE
+(`vlmjax.data.bpe`) and `WordTokenizer` are interchangeable for their callers, and
+`load_tokenizer(path)` opens either from its files:
 
   * `encode(texts, context_length)` -> int32 [n, context_length] laid out as
     `[bos] tokens... [eos] [pad]...`; a text too long keeps its first `context_length - 2`
@@ -216,3 +217,18 @@ def build_for_captions(
     tokenizer = WordTokenizer.train(texts, min_count=min_count)
     tokenizer.save(path)
     return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved at `path`: a `WordTokenizer.save` JSON file, or CLIP's byte-level
+    BPE from a Hugging Face folder, a tokenizer.json, or OpenAI's bpe_simple_vocab .txt[.gz]
+    (see `vlmjax.data.bpe.load`)."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and data.get("format") == _FORMAT:
+            return WordTokenizer.from_json(data)
+    from vlmjax.data import bpe  # imported here: bpe imports this module
+
+    return bpe.load(path)
