@@ -38,6 +38,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
     ("act_kv", None),
+    ("act_vocab", "tensor"),  # decoder logits [b, l, vocab]: split like the head's kernel
 )
 
 

@@ -24,11 +24,18 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def relu_squared(x: jax.Array) -> jax.Array:
+    """relu(x)**2 (So et al., 2021, "Primer"): Persimmon's and Fuyu's MLP nonlinearity."""
+    return jnp.square(jax.nn.relu(x))
+
+
 # "gelu" is exact (the original ViT, Hugging Face); "gelu_tanh" is flax's default form.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "relu2": relu_squared,
 }
 
 
@@ -68,6 +75,35 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
     )
+
+
+def rotary_embedding(
+    x: jax.Array, positions: jax.Array, *, theta: float = 10000.0, fraction: float = 1.0
+) -> jax.Array:
+    """Rotary position embedding (Su et al., 2021) on the first `fraction` of each head.
+
+    x: [b, l, heads, head_dim]; positions: [b, l] (int). Returns x's shape and dtype.
+    The rotated part has `rot = int(head_dim * fraction)` dims (even); the rest passes
+    through, as in GPT-NeoX and Persimmon (`partial_rotary_factor`). Pairs are (i, i + rot/2),
+    the "rotate half" layout of GPT-NeoX and Hugging Face, not RoFormer's interleaved
+    (2i, 2i + 1): the two differ by a permutation of q/k features, so checkpoints care.
+    Angles are computed in float32: positions reach 16k and bf16 would lose them.
+    """
+    head_dim = x.shape[-1]
+    rot = int(head_dim * fraction)
+    if rot % 2 or rot <= 0:
+        raise ValueError(
+            f"rotary dims int({head_dim} * {fraction}) = {rot} must be a positive even number"
+        )
+    half = rot // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))  # [rot/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, rot/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [b, l, 1, rot/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    x1, x2 = x_rot[..., :half], x_rot[..., half:]  # [b, l, h, rot/2] each
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
 
 
 class HeadsProjection(nn.Module):
