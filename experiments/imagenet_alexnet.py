@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.checkpoint_every = epoch
     c.dtype = "float32"
 
-    c.data.name = "imagenet2012"
+    c.data.source = "imagenet2012"
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.image_size = 224

@@ -57,7 +57,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands(tmp_path):
     )
 
     # --no_sync: only the training command; awkward arguments reach the hosts intact.
-    odd = ["--config.data.name=a b", "it's", "$HOME"]
+    odd = ["--config.data.source=a b", "it's", "$HOME"]
     args = ["--dry_run", "--no_sync", "n", "z", "--", "vlmjax", *odd]
     result = _bash([script, *args], env={"PATH": path})
     [train] = [shlex.split(line) for line in result.stdout.splitlines()]

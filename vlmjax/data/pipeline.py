@@ -25,7 +25,7 @@ Example = dict[str, np.ndarray]
 # --- per-example transforms (numpy, host side) ---------------------------------------------
 
 
-def _as_image(image: np.ndarray, image_size: int | None, crop_fraction: float) -> np.ndarray:
+def as_image(image: np.ndarray, image_size: int | None, crop_fraction: float) -> np.ndarray:
     """uint8 [h, w, c] (or [h, w]) -> uint8 [S, S, 3] (resized only when needed), or
     [h, w, 3] when image_size is None (a random-resized-crop comes later)."""
     image = np.asarray(image)
@@ -99,7 +99,7 @@ def classification_features(
                     f"set data.image_key / data.label_key"
                 )
         out = {
-            "image": _as_image(record[image_key], size, crop_fraction),
+            "image": as_image(record[image_key], size, crop_fraction),
             "label": np.asarray(record[label_key], np.int32),
         }
         if "novel" in record:
@@ -126,8 +126,12 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     start_example: int = 0,
+    random_features: Callable[[Example, np.random.Generator], Example] | None = None,
 ) -> grain.IterDataset:
     """Infinite, shuffled (reshuffled each epoch), augmented batches: this process's rows.
+
+    `random_features(example, rng)`, if given, runs before the image augmentation with the
+    same per-example generator (e.g. to pick one of several captions and tokenise it).
 
     `batch_size` is per process. All processes see one global stream (shuffle and
     augmentation are keyed by the position in it), cut into chunks of `batch_size`; global
@@ -150,10 +154,13 @@ def train_dataset(
         )
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.map(features)
-    ds = ds.random_map(
-        lambda ex, rng: {**ex, "image": _augment(ex["image"], rng, ops, augment_pad, image_size)},
-        seed=seed + 1,
-    )
+
+    def randomise(ex: Example, rng: np.random.Generator) -> Example:
+        if random_features is not None:
+            ex = random_features(ex, rng)
+        return {**ex, "image": _augment(ex["image"], rng, ops, augment_pad, image_size)}
+
+    ds = ds.random_map(randomise, seed=seed + 1)
     ds = ds[start_example:].batch(batch_size, drop_remainder=True)[process_index::process_count]
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
     return ds.to_iter_dataset(read)

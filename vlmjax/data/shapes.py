@@ -332,6 +332,14 @@ def _builder(data_dir: str | None, image_size: int, num_train: int, num_heldout:
     )
 
 
+def dataset_dir(
+    data_dir: str | None, image_size: int = 32, num_train: int = 20000, num_heldout: int = 2000
+) -> str:
+    """The folder holding this configuration's prepared files (and derived ones, such as a
+    word vocabulary trained on its captions)."""
+    return _builder(data_dir, image_size, num_train, num_heldout).data_dir
+
+
 def _is_prepared(builder: Shapes) -> bool:
     return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
 

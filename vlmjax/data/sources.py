@@ -1,8 +1,12 @@
-"""Random-access data sources by name: the embedded `shapes` dataset or any prepared tfds one.
+"""Random-access data sources named by `data.source`:
 
-Sources are read through tfds' array_record data sources, which need no TensorFlow; a
-dataset that is not prepared is an error that says how to prepare it (nothing is downloaded
-at run time).
+  * "shapes": the embedded dataset (`shapes.py`), built locally on first use;
+  * "jsonl:/path/file.jsonl": image-text records from a JSON Lines file (`jsonl.py`);
+  * "NAME" or "tfds:NAME": any tfds dataset prepared in array_record format.
+
+tfds sources are read through array_record data sources, which need no TensorFlow; a dataset
+that is not prepared is an error that says how to prepare it (nothing is downloaded at run
+time). Every source supports len() and integer indexing, returning a dict of numpy values.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlmjax.data import shapes
+from vlmjax.data import jsonl, shapes
+
+TFDS_PREFIX = "tfds:"
 
 
 def _tfds_builder(name: str, data_dir: str | None):
@@ -28,43 +34,85 @@ def _tfds_builder(name: str, data_dir: str | None):
     return builder
 
 
-def classification_source(cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, int]:
-    """(source, num_classes) for the `data` config and `split`.
+def _tfds_name(source: str) -> str:
+    return source[len(TFDS_PREFIX) :] if source.startswith(TFDS_PREFIX) else source
 
-    `source` supports len() and integer indexing, returning a dict of numpy values.
-    """
-    if cfg.name == "shapes":
-        source = shapes.data_source(
+
+def _jsonl_path(cfg: ml_collections.ConfigDict, split: str) -> str:
+    """A jsonl source's file for `split`: the train split is `data.source` itself; any other
+    split must name its own file as "jsonl:PATH"."""
+    if jsonl.parse(split) is not None:
+        return jsonl.parse(split)
+    if split == cfg.train_split:
+        return jsonl.parse(cfg.source)
+    raise ValueError(
+        f"data.source={cfg.source!r} is one file, used as the train split; split {split!r} "
+        f"must name its own file, e.g. data.eval_split='jsonl:/path/val.jsonl' (or '' for none)"
+    )
+
+
+def source(cfg: ml_collections.ConfigDict, split: str, required: tuple[str, ...] = ()) -> Any:
+    """The random-access source of `split` for the `data` config. `required` names record
+    fields that a jsonl file must have on every line (checked when it is opened)."""
+    if cfg.source == "shapes":
+        return shapes.data_source(
             split,
             data_dir=cfg.data_dir,
             image_size=cfg.image_size,
             num_train=cfg.num_train,
             num_heldout=cfg.num_heldout,
         )
-        return source, len(shapes.KINDS)
-    builder = _tfds_builder(cfg.name, cfg.data_dir)
+    if jsonl.parse(cfg.source) is not None:
+        return jsonl.JsonlSource(_jsonl_path(cfg, split), required=required)
+    name = _tfds_name(cfg.source)
+    builder = _tfds_builder(name, cfg.data_dir)
     if split not in builder.info.splits:
         raise ValueError(
-            f"tfds dataset '{cfg.name}' has no split '{split}' "
-            f"(splits: {list(builder.info.splits)})"
+            f"tfds dataset '{name}' has no split '{split}' (splits: {list(builder.info.splits)})"
         )
+    return builder.as_data_source(split=split)
+
+
+def class_names(cfg: ml_collections.ConfigDict) -> list[str] | None:
+    """Names of the label classes (for zero-shot prompts), or None if the source has none."""
+    if cfg.source == "shapes":
+        return list(shapes.KINDS)
+    if jsonl.parse(cfg.source) is not None:
+        return None
+    builder = _tfds_builder(_tfds_name(cfg.source), cfg.data_dir)
+    feature = builder.info.features.get(cfg.label_key) if cfg.label_key else None
+    names = getattr(feature, "names", None)
+    return [n.replace("_", " ") for n in names] if names else None
+
+
+def classification_source(cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, int]:
+    """(source, num_classes) for the `data` config and `split`."""
+    if cfg.source == "shapes":
+        return source(cfg, split), len(shapes.KINDS)
+    if jsonl.parse(cfg.source) is not None:
+        raise ValueError(
+            "jsonl sources carry captions, not a class list; use task='contrastive' or a "
+            "tfds dataset with a ClassLabel feature for classification"
+        )
+    name = _tfds_name(cfg.source)
+    builder = _tfds_builder(name, cfg.data_dir)
     label = builder.info.features[cfg.label_key]
     num_classes = getattr(label, "num_classes", None)
     if num_classes is None:
-        raise ValueError(f"'{cfg.name}' feature '{cfg.label_key}' is not a ClassLabel")
-    return builder.as_data_source(split=split), num_classes
+        raise ValueError(f"'{name}' feature '{cfg.label_key}' is not a ClassLabel")
+    return source(cfg, split), num_classes
 
 
 def num_classes(cfg: ml_collections.ConfigDict) -> int:
     """Number of classes of the `data` config's labels (no data is read for `shapes`)."""
-    if cfg.name == "shapes":
+    if cfg.source == "shapes":
         return len(shapes.KINDS)
     return classification_source(cfg, cfg.train_split)[1]
 
 
 def prepare(cfg: ml_collections.ConfigDict) -> None:
     """Prepares the embedded dataset if `cfg` names it (a no-op once prepared)."""
-    if cfg.name == "shapes":
+    if cfg.source == "shapes":
         shapes.prepare(
             data_dir=cfg.data_dir,
             image_size=cfg.image_size,
