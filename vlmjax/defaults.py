@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "shapes"  # the embedded dataset, or any prepared tfds dataset
+    c.data.source = "shapes"  # "shapes" (embedded), "jsonl:PATH", or a prepared tfds name
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.train_split = "train"
     c.data.eval_split = "heldout"
@@ -46,8 +46,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4  # batches read ahead
     c.data.num_train = 20000  # shapes only: examples rendered per split
     c.data.num_heldout = 2000
+    # Image-text tasks (see vlmjax/data/text.py): the text field ("" = captions from the
+    # label through `templates`), the tokenizer ("word" or a path), and the prompt set.
+    c.data.caption_key = "caption"
+    c.data.tokenizer = "word"
+    c.data.templates = "photo"
+    # Evaluate on another source than the training one (e.g. zero-shot ImageNet while
+    # training on image-text pairs): its name, and its text field ("" = label prompts).
+    c.data.eval_source = ""
+    c.data.eval_caption_key = ""
 
-    c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0))
+    c.loss = ml_collections.ConfigDict()
+    c.loss.label_smoothing = 0.0  # classification
+    c.loss.kind = "softmax"  # contrastive: "softmax" (CLIP) | "sigmoid" (SigLIP)
+    c.loss.impl = "all_gather"  # contrastive: "all_gather" | "chunked" (ring, O(b^2) memory)
 
     c.optimizer = optim.default_config()
     c.optimizer.grad_accum_steps = 1  # micro-batches per step (scanned inside the jitted step)
@@ -67,14 +79,15 @@ def smoke_on_shapes(
     runs for recipes whose dataset (e.g. ImageNet) is not on the machine."""
     c.batch_size, c.eval_batch_size = 16, 32
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 3, 3
-    c.data.name = "shapes"
+    c.data.source = "shapes"
     c.data.train_split, c.data.eval_split = "train", "heldout"
     c.data.image_size = image_size
     c.data.num_train, c.data.num_heldout = num_train, num_heldout
     c.data.eval_max_examples = 64
     c.data.eval_crop_fraction = 1.0
     c.data.num_threads = 2
-    c.model.num_classes = 6
+    if c.task == "classification":
+        c.model.num_classes = 6
     c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
 
 
@@ -88,7 +101,7 @@ def shapes_classification(total_steps: int, eval_every: int) -> ml_collections.C
     c.total_steps = total_steps
     c.log_every = 50
     c.eval_every = c.checkpoint_every = eval_every
-    c.data.name = "shapes"
+    c.data.source = "shapes"
     c.data.image_size = 32
     # The label is the shape's kind; shuffling RGB makes the classifier colour-blind, so the
     # (kind, colour) pairs held out of `train` are no harder than the seen ones.

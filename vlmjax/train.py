@@ -202,21 +202,29 @@ def setup(config: ml_collections.ConfigDict, task, mesh) -> Setup:
     )
 
 
-def evaluate(task, config, eval_step: Callable, state: TrainState, batch_sharding) -> dict:
-    """Runs every eval split; returns {"eval/<metric>": value} ({"eval/<split>/..."} if >1)."""
+def evaluate(task, config, run: Setup, state: TrainState) -> dict:
+    """Runs every eval split; returns {"eval/<metric>": value} ({"eval/<split>/..."} if >1).
+
+    A task either sums `eval_step` outputs over batches (then `eval_finalize`), or, with an
+    `evaluate_split` function, computes a split's metrics itself (e.g. retrieval)."""
+    model, eval_step, batch_sharding = run.model, run.eval_step, run.batch_sharding
     results = {}
     splits = task.eval_splits(config)
     for split in splits:
-        totals: dict[str, float] = {}
-        for host_batch in task.eval_dataset(
-            config, split, jax.process_index(), jax.process_count()
-        ):
-            batch = pipeline.to_global(host_batch, batch_sharding)
-            sums = jax.device_get(eval_step(state.params, state.model_state, batch))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+        if hasattr(task, "evaluate_split"):  # tasks whose metrics are not sums over batches
+            metrics = task.evaluate_split(config, split, model, eval_step, state, batch_sharding)
+        else:
+            totals: dict[str, float] = {}
+            for host_batch in task.eval_dataset(
+                config, split, jax.process_index(), jax.process_count()
+            ):
+                batch = pipeline.to_global(host_batch, batch_sharding)
+                sums = jax.device_get(eval_step(state.params, state.model_state, batch))
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+            metrics = task.eval_finalize(totals)
         prefix = "eval/" if len(splits) == 1 else f"eval/{split}/"
-        results.update({prefix + k: v for k, v in task.eval_finalize(totals).items()})
+        results.update({prefix + k: v for k, v in metrics.items()})
     return results
 
 
@@ -244,6 +252,7 @@ def evaluate_checkpoint(
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     mesh_lib.batch_size_per_process(config.eval_batch_size, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        sources.prepare(config.data)
         task = tasks.get(config.task)
         run = setup(config, task, mesh)
         mngr = checkpoint.manager(workdir, max_to_keep=None)
@@ -252,7 +261,7 @@ def evaluate_checkpoint(
             state = checkpoint.restore(mngr, target, step=step)
         finally:
             mngr.close()
-        return int(state.step), evaluate(task, config, run.eval_step, state, run.batch_sharding)
+        return int(state.step), evaluate(task, config, run, state)
 
 
 class Preemption:
@@ -337,6 +346,8 @@ def train(
     )
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        # Data first (built once, a no-op later): a model may depend on it (a vocabulary).
+        sources.prepare(config.data)
         # Model, optimizer, shardings and the jitted init/train/eval functions.
         task = tasks.get(config.task)
         run = setup(config, task, mesh)
@@ -357,8 +368,7 @@ def train(
             if config.init_from:
                 state = _init_from(config, run, state)
 
-        # Data: prepared once (a no-op later), then this process's rows of each batch.
-        sources.prepare(config.data)
+        # Data: this process's rows of each global batch, from the resume position on.
         train_iter = iter(
             task.train_dataset(config, jax.process_index(), jax.process_count(), examples)
         )
@@ -398,7 +408,7 @@ def train(
 
                 at_end = step == config.total_steps
                 if (config.eval_every and step % config.eval_every == 0) or at_end:
-                    eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
+                    eval_metrics = evaluate(task, config, run, state)
                     writer.write(step, eval_metrics)
                     progress.update(step, eval_metrics)
                     last_time = time.time()  # keep eval time out of the throughput figure
@@ -420,7 +430,7 @@ def train(
 
         if not eval_metrics and not preempted and config.eval_every is not None:
             # Resumed a finished run: evaluate the restored state so the caller gets numbers.
-            eval_metrics = evaluate(task, config, run.eval_step, state, run.batch_sharding)
+            eval_metrics = evaluate(task, config, run, state)
         mngr.wait_until_finished()
         mngr.close()
         progress.close()

@@ -49,7 +49,8 @@ class MetricWriter:
         self._file.flush()
         if self._tb is not None:
             for key, value in values.items():
-                self._tb.add_scalar(key, value, int(step))
+                # TensorBoard tag names allow no "@" (recall@1); it would rename and log.
+                self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
 
     def close(self) -> None:
         if self.enabled:

@@ -1,9 +1,9 @@
 """CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023) two-tower models.
 
-An image tower (`vit.ViT`, pooled, no head) and a text tower (`text.TextTransformer`), each
-followed by a bias-free linear projection to `embed_dim` and L2 normalisation, plus a
-learnable log temperature and, for the sigmoid loss, a learnable bias. Losses live
-elsewhere; this module only produces the embeddings and the two scalars.
+An image tower (`vit.ViT` or `convnets.ResNet`, pooled, no head) and a text tower
+(`text.TextTransformer`), each followed by a bias-free linear projection to `embed_dim`
+and L2 normalisation, plus a learnable log temperature and, for the sigmoid loss, a
+learnable bias. Losses live elsewhere; this module only produces the embeddings and the two scalars.
 
 Parameters: `image_tower/...`, `text_tower/...`, `image_proj/kernel` [width_img, E],
 `text_proj/kernel` [width_txt, E], `log_scale` [], and `bias` [] when `sigmoid_bias` is set.
@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.models import layers, text, vit
+from vlmjax.models import convnets, layers, text, vit
 
 # OpenAI CLIP ViT-B/16's image tower. A `vision` dict is merged over this; to give sizes
 # explicitly, pass `variant=None` with width/depth/mlp_dim/num_heads/patch_size.
@@ -27,12 +27,15 @@ VISION_DEFAULTS = dict(variant="B/16", pool="cls", pre_norm=True, activation="qu
 class CLIP(nn.Module):
     """images [b, H, W, 3] and tokens [b, L] -> unit-norm embeddings [b, embed_dim] float32.
 
-    `vision` holds ViT fields (merged over VISION_DEFAULTS; `num_classes` is forced to 0),
-    `text` holds TextTransformer fields (merged over its defaults). A tower without its own
+    `image_model` is "vit" (`vision` holds ViT fields, merged over VISION_DEFAULTS) or
+    "resnet" (`vision` holds ResNet fields; its BatchNorm statistics are the
+    `batch_stats` collection); `num_classes` is forced to 0. `text` holds TextTransformer
+    fields (merged over its defaults). A tower without its own
     `dtype` computes in this module's `dtype`. Parameters stay float32.
     """
 
     embed_dim: int = 512
+    image_model: str = "vit"
     vision: dict | None = None
     text: dict | None = None
     init_temperature: float = 0.07
@@ -41,9 +44,15 @@ class CLIP(nn.Module):
     dtype: str = "float32"
 
     def setup(self):
-        vision_cfg = {"dtype": self.dtype, **VISION_DEFAULTS, **(self.vision or {})}
         text_cfg = {"dtype": self.dtype, **(self.text or {})}
-        self.image_tower = vit.ViT(**{**vision_cfg, "num_classes": 0})
+        if self.image_model == "vit":
+            vision_cfg = {"dtype": self.dtype, **VISION_DEFAULTS, **(self.vision or {})}
+            self.image_tower = vit.ViT(**{**vision_cfg, "num_classes": 0})
+        elif self.image_model == "resnet":
+            vision_cfg = {"dtype": self.dtype, **(self.vision or {})}
+            self.image_tower = convnets.ResNet(**{**vision_cfg, "num_classes": 0})
+        else:
+            raise ValueError(f"image_model={self.image_model!r} is not 'vit' or 'resnet'")
         self.text_tower = text.TextTransformer(**text_cfg)
 
         def projection():

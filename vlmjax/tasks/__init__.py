@@ -9,7 +9,7 @@ The train loop knows nothing else about them.
 import importlib
 from types import ModuleType
 
-TASKS = ("classification",)
+TASKS = ("classification", "contrastive", "captioning")
 
 
 def get(name: str) -> ModuleType:

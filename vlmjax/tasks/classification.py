@@ -15,6 +15,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from vlmjax import config as config_lib
@@ -44,7 +45,7 @@ def _checked_source(config: ml_collections.ConfigDict, split: str):
     expected = config.model.get("num_classes")
     if expected and expected != num_classes:
         raise config_lib.ConfigError(
-            f"model.num_classes={expected} but dataset '{config.data.name}' has {num_classes} "
+            f"model.num_classes={expected} but dataset '{config.data.source}' has {num_classes} "
             f"classes; set --config.model.num_classes={num_classes}"
         )
     return source
@@ -54,6 +55,18 @@ def init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.ShapeDtypeStruct
     """Abstract positional inputs of `model.init` for one example."""
     size = config.data.image_size
     return (jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),)
+
+
+def fake_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+    """A random train batch of `batch_size` rows, shaped and typed like the real ones (for
+    benchmarks); the class count comes from model.num_classes, else 2."""
+    rng = np.random.default_rng(0)
+    size = config.data.image_size
+    classes = config.model.get("num_classes") or 2
+    return {
+        "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+        "label": rng.integers(0, classes, (batch_size,)).astype(np.int32),
+    }
 
 
 def train_dataset(

@@ -1,0 +1,243 @@
+"""The contrastive task: CLIP training end to end, sharded steps, jsonl data, bad configs."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlmjax import config as config_lib
+from vlmjax import mesh as mesh_lib
+from vlmjax import optim, tasks, train
+from vlmjax.data import jsonl, shapes
+from vlmjax.data import text as text_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP_TINY = os.path.join(ROOT, "experiments", "shapes_clip.py") + ":tiny"
+
+
+def _config(data_dir, **overrides):
+    config = config_lib.load(CLIP_TINY)
+    config_lib.override(config, "data.data_dir", data_dir)
+    for key, value in overrides.items():
+        config_lib.override(config, key, str(value))
+    return config
+
+
+def _run_steps(config, mesh, batches):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        run = train.setup(config, tasks.get(config.task), mesh)
+        state = run.init_fn(jax.random.PRNGKey(config.seed))
+        metrics = []
+        for host_batch in batches:
+            batch = {k: jax.device_put(v, run.batch_sharding) for k, v in host_batch.items()}
+            state, m = run.train_step(state, batch)
+            metrics.append(jax.device_get(m))
+        return jax.device_get(state.params), metrics
+
+
+@pytest.mark.parametrize(
+    "kind, impl, shape",
+    # (Every kind x impl x mesh is checked at the loss level in test_losses.py.)
+    [("softmax", "all_gather", (2, 2, 2)), ("sigmoid", "chunked", (2, 4, 1))],
+)
+def test_sharded_clip_step_equals_single_device(data_dir, kind, impl, shape):
+    """Two CLIP steps on 8 devices equal the same steps on 1, for each loss and impl: the
+    loss sees the whole global batch, not each device's rows."""
+    overrides = {"loss.kind": kind, "loss.impl": impl, "batch_size": 16}
+    if kind == "sigmoid":
+        overrides.update({"model.sigmoid_bias": -10.0, "model.init_temperature": 0.1})
+    config = _config(data_dir, **overrides)
+    task = tasks.get("contrastive")
+    batches = [task.fake_batch(config, 16) for _ in range(2)]
+    batches[1] = {k: v[::-1].copy() for k, v in batches[1].items()}  # a different batch
+    one = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    ref_params, ref_metrics = _run_steps(config, one, batches)
+    params, metrics = _run_steps(config, mesh_lib.make_mesh(*shape), batches)
+    for m, r in zip(metrics, ref_metrics, strict=True):
+        np.testing.assert_allclose(m["train/loss"], r["train/loss"], rtol=1e-5)
+        np.testing.assert_allclose(m["train/temperature"], r["train/temperature"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    assert ref_metrics[0]["train/temperature"] == pytest.approx(
+        0.1 if kind == "sigmoid" else 0.07, rel=1e-5
+    )
+    if kind == "sigmoid":
+        assert "train/bias" in ref_metrics[0]
+
+
+def test_resnet_image_tower_step_equals_single_device(data_dir):
+    """CLIP with a ResNet image tower: BatchNorm statistics over the global batch, kept in
+    model_state, the same on 8 devices as on 1."""
+    config = _config(data_dir, **{"model.image_model": "resnet", "batch_size": 16})
+    config.unlock()
+    config.model.vision = dict(
+        stage_sizes=(1, 1), width=8, block="basic", stem_kernel=3, stem_stride=1,
+        stem_pool=False,
+    )  # fmt: skip
+    batches = [tasks.get("contrastive").fake_batch(config, 16)]
+    one = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+    def run(mesh):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+            setup = train.setup(config, tasks.get("contrastive"), mesh)
+            state = setup.init_fn(jax.random.PRNGKey(0))
+            batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in batches[0].items()}
+            state, metrics = setup.train_step(state, batch)
+            return jax.device_get((state.params, state.model_state, metrics["train/loss"]))
+
+    params, stats, loss = run(mesh_lib.make_mesh(8, 1, 1))
+    ref_params, ref_stats, ref_loss = run(one)
+    assert "batch_stats" in stats
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_temperature_and_bias_are_not_decayed(data_dir):
+    config = _config(data_dir, **{"model.sigmoid_bias": -10.0})
+    model = tasks.get("contrastive").build_model(config)
+    shapes_ = jax.eval_shape(
+        model.init, jax.random.key(0), *tasks.get("contrastive").init_inputs(config)
+    )
+    params = nn.meta.unbox(shapes_["params"])
+    mask = optim.weight_decay_mask(params, config.optimizer.wd_params, False)
+    assert mask["log_scale"] is False and mask["bias"] is False
+    assert mask["image_proj"]["kernel"] is True and mask["text_proj"]["kernel"] is True
+    assert mask["text_tower"]["encoder"]["layer_0"]["norm1"]["scale"] is False
+
+
+def test_shapes_clip_learns_zero_shot_and_retrieval(data_dir, tmp_path):
+    """The tiny CLIP run: retrieval far above chance, zero-shot metrics consistent; `vlmjax
+    eval` on the checkpoint gives the same numbers. (300 steps learn colours, not yet the
+    shape kinds the zero-shot labels are: the full run's figures are in BENCHMARKS.md.)"""
+    config = _config(data_dir)
+    workdir = str(tmp_path / "clip")
+    metrics = train.train(config, workdir)
+    # Overall zero-shot accuracy is the count-weighted mean of the novel and seen halves.
+    with_novel = [
+        r for r in (shapes.split_example("heldout", i, 32) for i in range(256)) if r["novel"]
+    ]
+    frac = len(with_novel) / 256
+    assert metrics["eval/zeroshot_accuracy"] == pytest.approx(
+        frac * metrics["eval/zeroshot_accuracy_novel"]
+        + (1 - frac) * metrics["eval/zeroshot_accuracy_seen"],
+        abs=1e-6,
+    )
+    # 256 held-out pairs; chance recall@5 is about 5/256 even counting duplicate captions.
+    assert metrics["eval/i2t_recall@5"] > 0.2 and metrics["eval/t2i_recall@5"] > 0.2, metrics
+    assert metrics["eval/count"] == 256
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    assert all(0.0 < r["train/temperature"] < 1.0 for r in records if "train/temperature" in r)
+    step, again = train.evaluate_checkpoint(config_lib.load_workdir(workdir), workdir)
+    assert step == config.total_steps
+    for key, value in metrics.items():
+        assert again[key] == pytest.approx(value, abs=1e-6), key
+    # The word vocabulary was trained once on the captions and saved beside the data.
+    saved = os.path.join(shapes.dataset_dir(data_dir, 32, 4096, 256), "word_tokenizer_caption.json")
+    assert os.path.exists(saved)
+
+
+def _write_jsonl(folder, split, n, fields=("caption",)):
+    """n shapes scenes as PNG files plus a jsonl file listing them."""
+    os.makedirs(os.path.join(folder, "img"), exist_ok=True)
+    path = os.path.join(folder, f"{split}.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            ex = shapes.split_example("train" if split == "train" else "heldout", i, 32)
+            name = f"img/{split}_{i}.png"
+            Image.fromarray(ex["image"]).save(os.path.join(folder, name))
+            record = {"image": name, **{k: ex[k] for k in fields}}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_jsonl_source_reads_and_checks(tmp_path):
+    path = _write_jsonl(str(tmp_path), "train", 3)
+    source = jsonl.JsonlSource(path, required=("caption",))
+    assert len(source) == 3
+    record = source[1]
+    expected = shapes.split_example("train", 1, 32)
+    np.testing.assert_array_equal(record["image"], expected["image"])  # PNG is lossless
+    assert record["caption"] == expected["caption"]
+    assert source.field("caption")[2] == shapes.split_example("train", 2, 32)["caption"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "img/train_0.png", "caption": "a"}\n{"image": "x.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field\(s\) \['caption'\]"):
+        jsonl.JsonlSource(str(bad), required=("caption",))
+    bad.write_text('{"image": "img/train_0.png", "caption": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        jsonl.JsonlSource(str(bad))
+    bad.write_text('{"image": "missing.png", "caption": "a"}\n')
+    with pytest.raises(ValueError, match="cannot read image"):
+        jsonl.JsonlSource(str(bad))[0]
+
+
+def test_train_on_jsonl_captions(tmp_path):
+    """Own image-text data with no code: a jsonl train file and a jsonl eval file."""
+    train_path = _write_jsonl(str(tmp_path), "train", 256)
+    eval_path = _write_jsonl(str(tmp_path), "val", 64)
+    config = config_lib.load(CLIP_TINY)
+    for key, value in {
+        "data.source": f"jsonl:{train_path}",
+        "data.eval_split": f"jsonl:{eval_path}",
+        "total_steps": 40,
+        "eval_every": 40,
+        "log_every": 10,
+        "batch_size": 32,
+        "eval_batch_size": 32,
+    }.items():
+        config_lib.override(config, key, str(value))
+    workdir = str(tmp_path / "run")
+    metrics = train.train(config, workdir)
+    # No class names in a jsonl file: retrieval only.
+    assert "eval/zeroshot_accuracy" not in metrics
+    assert metrics["eval/count"] == 64
+    assert metrics["eval/i2t_recall@10"] > 10 / 64, metrics
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
+    assert losses[-1] < losses[0]
+
+
+def test_captions_from_labels_and_templates(data_dir):
+    config = _config(data_dir, **{"data.caption_key": "", "data.templates": "a {} | the {} !"})
+    record = {"label": np.int64(2)}
+    names = list(shapes.KINDS)
+    assert text_lib.captions_of(record, config.data, names) == ["a triangle", "the triangle !"]
+    with pytest.raises(ValueError, match="exactly one"):
+        text_lib.templates("no placeholder")
+    nested = _config(data_dir, **{"data.caption_key": "captions/text"})
+    record = {"captions": {"text": np.array([b"one", b"two"], dtype=object)}}
+    assert text_lib.captions_of(record, nested.data, None) == ["one", "two"]
+
+
+def test_bad_contrastive_configs(data_dir):
+    task = tasks.get("contrastive")
+    with pytest.raises(config_lib.ConfigError, match="sigmoid_bias"):
+        task.build_model(_config(data_dir, **{"loss.kind": "sigmoid"}))
+    config = _config(data_dir)
+    config.unlock()
+    config.model.vision.widht = 3
+    with pytest.raises(config_lib.ConfigError, match="model.vision.widht"):
+        task.build_model(config)
+    with pytest.raises(ValueError, match="valid impls"):
+        task.build_model(_config(data_dir, **{"loss.impl": "ring"}))
+    config = _config(data_dir)
+    config.unlock()
+    config.model.text.vocab_size = 5
+    config.model.text.eos_id = 2
+    config.model.text.pad_id = 0
+    with pytest.raises(config_lib.ConfigError, match="smaller than the tokenizer"):
+        task.train_dataset(config, 0, 1)
+    config = _config(data_dir, **{"data.source": "jsonl:/nonexistent.jsonl"})
+    with pytest.raises(FileNotFoundError, match="no JSON Lines file"):
+        task.build_model(config)
