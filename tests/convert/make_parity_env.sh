@@ -35,6 +35,6 @@ fi
 DIR="$(cd "$DIR" && pwd)"  # absolute, so the printed path works from any directory
 # One resolver run, so pip never swaps the CPU wheel for a CUDA torch from PyPI.
 "$DIR/bin/python" -m pip install -q --disable-pip-version-check \
-  "$WHEEL" "$TRANSFORMERS" "numpy>=2" "safetensors>=0.4" >&2
+  "$WHEEL" "$TRANSFORMERS" "numpy>=2" "safetensors>=0.4" pillow >&2
 "$DIR/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' >&2
 echo "$DIR/bin/python"
