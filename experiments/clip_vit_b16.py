@@ -60,10 +60,13 @@ def get_config(arg=None):
     c.model.max_scale = 100.0
     c.model.dtype = c.get_ref("dtype")
     c.model.image_model = "vit"  # or "resnet" (model.vision then holds ResNet fields)
-    c.model.vision = dict(variant="B/16", pool="cls", pre_norm=True, activation="gelu")
+    # scan / remat / attention are listed so the command line can switch them
+    # (--config.model.vision.remat=dots); "cudnn" attention is for GPUs.
+    speed = dict(scan=False, remat="none", attention="xla")
+    c.model.vision = dict(variant="B/16", pool="cls", pre_norm=True, activation="gelu", **speed)
     c.model.text = dict(
         vocab_size=49408, eos_id=49407, pad_id=0, context_length=77,
-        width=512, depth=12, num_heads=8, mlp_dim=2048, activation="gelu",
+        width=512, depth=12, num_heads=8, mlp_dim=2048, activation="gelu", **speed,
     )  # fmt: skip
 
     c.optimizer.name = "adamw"

@@ -137,6 +137,7 @@ def test_shapes_clip_learns_zero_shot_and_retrieval(data_dir, tmp_path):
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert losses[-1] < losses[0] - 1.0
     assert all(0.0 < r["train/temperature"] < 1.0 for r in records if "train/temperature" in r)
+    assert all(r["train/tflops_per_device"] > 0 for r in records if "train/loss" in r)
     step, again = train.evaluate_checkpoint(config_lib.load_workdir(workdir), workdir)
     assert step == config.total_steps
     for key, value in metrics.items():

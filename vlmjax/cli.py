@@ -3,6 +3,9 @@
     vlmjax train --config experiments/NAME.py[:arg] --workdir DIR [--config.key=value ...]
     vlmjax eval --workdir DIR [--step N] [--config.key=value ...]
     vlmjax sweep --config experiments/NAME.py[:arg] --workdir ROOT [--launcher slurm] [--dry_run]
+    vlmjax bench loss|train|compile|data|flops|peak [...]   (see vlmjax/bench.py)
+    vlmjax generate --workdir DIR --image PATH --prompt TEXT [--max_new_tokens N]
+                    [--temperature T --top_k K] [--step N]   (decoder runs: prints its text)
 
 Multi-process runs add --coordinator_address/--num_processes/--process_id (or the
 VLMJAX_* environment variables, or nothing under SLURM and on TPU pods): see distributed.py.
@@ -45,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, help="a kept step (default: the latest)")
     _add_cluster_flags(evaluate)
     sweep.add_parser(commands)
+    # Listed for --help only: main() hands `vlmjax bench ...` to vlmjax/bench.py's parser.
+    commands.add_parser("bench", help="benchmarks: loss, train, compile, data, flops, peak")
+    gen = commands.add_parser("generate", help="a decoder run's text for one image and prompt")
+    gen.add_argument("--workdir", required=True)
+    gen.add_argument("--image", required=True, help="any image file PIL reads, any size")
+    gen.add_argument("--prompt", default="", help="e.g. a question; empty: a caption")
+    gen.add_argument("--max_new_tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0: all")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--step", type=int, help="a kept step (default: the latest)")
     return parser
 
 
@@ -70,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"vlmjax: error: {e}", file=sys.stderr)
         return 2
+    if rest[:1] == ["bench"]:  # single-process, own arguments; may set XLA_FLAGS before JAX
+        from vlmjax import bench
+
+        return bench.main(rest[1:], overrides)
     args = _parser().parse_args(rest)
     if args.command == "sweep":  # runs each point as its own `vlmjax train` process
         return sweep.main(args, overrides)
+    if args.command == "generate":  # one process, one device
+        return _generate(args, overrides)
 
     from vlmjax import distributed  # imports JAX: keep `vlmjax --help` fast
 
@@ -116,6 +136,50 @@ def main(argv: list[str] | None = None) -> int:
     except (config_lib.ConfigError, mesh.MeshError, checkpoint.CheckpointError) as e:
         print(f"vlmjax: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    """`vlmjax generate`: loads the run's config and checkpoint, prints the model's text."""
+    _setup_logging(True)
+    try:
+        config = config_lib.load_workdir(args.workdir)
+        for key, value in overrides:
+            config_lib.override(config, key, value)
+        if config.task != "captioning":
+            raise config_lib.ConfigError(f"{args.workdir} is a '{config.task}' run, not a decoder")
+    except config_lib.ConfigError as e:
+        print(f"vlmjax: config error: {e}", file=sys.stderr)
+        return 2
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(args.image) as img:
+            image = np.asarray(img.convert("RGB"), np.uint8)  # [h, w, 3]
+    except OSError as e:
+        print(f"vlmjax: error: cannot read image {args.image!r}: {e}", file=sys.stderr)
+        return 2
+
+    from vlmjax import checkpoint
+    from vlmjax.tasks import captioning
+
+    try:
+        text = captioning.generate_from_workdir(
+            config,
+            args.workdir,
+            image,
+            args.prompt,
+            step=args.step,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError) as e:
+        print(f"vlmjax: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 

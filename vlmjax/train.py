@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmjax import checkpoint, optim, tasks, writers
+from vlmjax import checkpoint, flops, optim, tasks, writers
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import pipeline, sources
@@ -374,6 +374,10 @@ def train(
         )
         num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
         log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
+        try:  # analytic training FLOPs, for train/tflops_per_device and train/mfu
+            flops_per_example = flops.per_example(config, run.model)
+        except ValueError:  # a model without a formula: no FLOP metrics
+            flops_per_example = None
 
         writer = writers.MetricWriter(workdir, enabled=is_main)
         first = int(state.step)
@@ -395,6 +399,15 @@ def train(
                         (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
                     )
                     last_time, last_step = now, step
+                    if flops_per_example:
+                        metrics.update(
+                            flops.train_flops_summary(
+                                flops_per_example,
+                                metrics["train/examples_per_sec"],
+                                jax.device_count(),
+                                jax.devices()[0].device_kind,
+                            )
+                        )
                     if not np.isfinite(metrics["train/loss"]):
                         raise FloatingPointError(
                             f"train/loss is {metrics['train/loss']} at step {step}; lower "
