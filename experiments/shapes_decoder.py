@@ -15,9 +15,12 @@ show (kind, colour) pairs never seen in training:
     vlmjax train --config experiments/shapes_decoder.py --workdir /tmp/decoder
     vlmjax generate --workdir /tmp/decoder --image picture.png --prompt "what colour is the circle?"
 
-Target: under 15 minutes on a 2-core CPU including building the data, VQA accuracy far
-above the majority baseline (~0.09); the full run is not yet timed on an idle machine (see
-BENCHMARKS.md when it is). `:tiny` (300 steps) is the tests' variant: > 0.4 VQA accuracy.
+Measured (BENCHMARKS.md; 2-core CPU, no other jobs): 9 min 13 s including building the
+data; vqa_accuracy 0.68 (novel pairs 0.57, seen 0.79) against 0.0875 for always giving the
+most frequent train answer ("one"), 0.33 for the most frequent answer of each question
+type; caption token accuracy 0.84, perplexity 1.65. Colour, size and count questions are
+mostly right; shape kinds are the hard part (0.44-0.48). `:tiny` (300 steps, about a
+minute) is the tests' variant: > 0.4 VQA accuracy.
 """
 
 from vlmjax import defaults
