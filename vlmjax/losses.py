@@ -22,6 +22,7 @@ input dtype. Positives are on the diagonal.
   pass rotate the blocks again and recompute each [b, b] block instead of saving n of them,
   so memory stays O(b x b + b x d). This is the ring formulation of the SigLIP paper (its
   "chunked" implementation), extended to the softmax loss with an online log-sum-exp.
+  On CPU devices the ring is unrolled into straight-line code (see `_ring_unrolled`).
 
 Metrics: `loss`, and for softmax `i2t_accuracy` / `t2i_accuracy`, the fraction of rows whose
 largest logit is the positive (in-batch retrieval), in all implementations. The chunked impl
@@ -104,8 +105,11 @@ def contrastive_loss(
             f"batch size {zimg.shape[0]} is not divisible by the {n} devices along axes "
             f"{axes} (mesh shape {dict(mesh.shape)}); use a multiple of {n}"
         )
-    local = _local_all_gather if impl == "all_gather" else _local_chunked
-    fn = functools.partial(local, kind=kind, axes=axes, n=n, global_batch=zimg.shape[0])
+    options = dict(kind=kind, axes=axes, n=n, global_batch=zimg.shape[0])
+    if impl == "all_gather":
+        fn = functools.partial(_local_all_gather, **options)
+    else:
+        fn = functools.partial(_local_chunked, unroll=_ring_unrolled(mesh), **options)
     batch, rep = PartitionSpec(axes), PartitionSpec()
     return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, rep, rep), out_specs=(rep, rep))(
         zimg, ztxt, jnp.asarray(log_scale, jnp.float32), _bias(bias)
@@ -138,7 +142,35 @@ def _local_all_gather(x, y, log_scale, bias, *, kind, axes, n, global_batch):
     return loss, metrics
 
 
-def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch):
+def _ring_unrolled(mesh) -> bool:
+    """Whether the ring runs as n - 1 unrolled steps instead of a `fori_loop`: on CPU.
+
+    XLA:CPU orders a program's collectives only by when their thunks start, and a while
+    loop's thunk returns before its body's collectives have run. So a ring loop's
+    collective-permutes can overlap the program's other collectives (the second ring, the
+    psums), which share rendezvous keys: devices then pair up the wrong collectives, which
+    hangs or aborts the process after XLA's 40 s rendezvous timeout (seen under load, 8
+    simulated devices on 2 cores). Straight-line collectives keep program order. CPU
+    meshes are small, so unrolling costs little compile time; GPUs and TPUs keep the loop.
+    """
+    if isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform == "cpu"
+    return jax.default_backend() == "cpu"  # an AbstractMesh names no devices
+
+
+def _ring_loop(n: int, step, init, unroll: bool):
+    """`lax.fori_loop(1, n, step, init)`, or the same steps traced one after another."""
+    if not unroll:
+        return lax.fori_loop(1, n, step, init)
+    # Each barrier makes step i + 1 wait for all of step i, as in the loop: otherwise XLA
+    # may compute several [b, b] blocks at once, losing the O(b x b) memory bound.
+    carry = lax.optimization_barrier(init)
+    for i in range(1, n):
+        carry = lax.optimization_barrier(step(i, carry))
+    return carry
+
+
+def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch, unroll):
     """Per-device body of impl="chunked"; x, y [b, d] are this device's rows.
 
     The positives are written with plain autodiff; only the all-pairs row reductions go
@@ -150,12 +182,17 @@ def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch):
     if kind == "sigmoid":
         # -log sigmoid(-z) = softplus(z) for every pair; the positives instead need
         # -log sigmoid(z) = softplus(z) - z, hence the correction `- (pos + bias)`.
-        rowsum, _ = _ring_rows(scale * x, y, bias, "sigmoid", axes, n)  # [b]
+        rowsum, _ = _ring_rows(scale * x, y, bias, "sigmoid", axes, n, unroll)  # [b]
         loss = lax.psum(jnp.sum(rowsum - (pos + bias)), axes) / global_batch
         return loss, {"loss": loss}
     # A scalar bias cancels in the softmax loss, so it is left out of the ring.
-    lse_i2t, (max_i2t, diag_i2t) = _ring_rows(scale * x, y, 0.0, "softmax", axes, n)  # [b]
-    lse_t2i, (max_t2i, diag_t2i) = _ring_rows(scale * y, x, 0.0, "softmax", axes, n)  # [b]
+    ring = functools.partial(_ring_rows, c=0.0, kind="softmax", axes=axes, n=n, unroll=unroll)
+    i2t = ring(scale * x, y)
+    # One ring after the other, forward and (through the barrier's transpose) backward, so
+    # that a single [b, b] block is alive at a time, as with one ring.
+    i2t, t2i_args = lax.optimization_barrier((i2t, (scale * y, x)))
+    lse_i2t, (max_i2t, diag_i2t) = i2t  # [b]
+    lse_t2i, (max_t2i, diag_t2i) = ring(*t2i_args)  # [b]
     loss = lax.psum(jnp.sum(lse_i2t + lse_t2i - 2.0 * pos), axes) / (2 * global_batch)
     metrics = {
         "loss": loss,
@@ -176,7 +213,7 @@ def _shift(tree, axes, n):
     return jax.tree.map(lambda v: lax.ppermute(v, axes, perm), tree)
 
 
-def _ring_forward(a, bmat, c, kind, axes, n):
+def _ring_forward(a, bmat, c, kind, axes, n, unroll):
     """Row reductions over all global columns of z = a @ B.T + c, one [b, b] block a step.
 
     softmax: (logsumexp_j z_ij, (max_j z_ij, z_ii)); sigmoid: (sum_j softplus(z_ij), ()).
@@ -195,7 +232,7 @@ def _ring_forward(a, bmat, c, kind, axes, n):
             return blk, acc + jnp.sum(jax.nn.softplus(block(blk)), axis=1)
 
         init = (bmat, jnp.sum(jax.nn.softplus(z), axis=1))
-        _, rowsum = lax.fori_loop(1, n, step, init)
+        _, rowsum = _ring_loop(n, step, init, unroll)
         return rowsum, ()
 
     def step(_, carry):  # online log-sum-exp: running max m and total of exp(z - m)
@@ -208,26 +245,26 @@ def _ring_forward(a, bmat, c, kind, axes, n):
 
     m0 = jnp.max(z, axis=1)  # [b]
     init = (bmat, m0, jnp.sum(jnp.exp(z - m0[:, None]), axis=1))
-    _, m, total = lax.fori_loop(1, n, step, init)
+    _, m, total = _ring_loop(n, step, init, unroll)
     # The positive z_ii comes from the same matmul as the maxima, so `z_ii >= max` is exact.
     return m + jnp.log(total), (m, jnp.diagonal(z))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _ring_rows(a, bmat, c, kind, axes, n):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _ring_rows(a, bmat, c, kind, axes, n, unroll):
     """`_ring_forward` with a backward pass that rotates the blocks again (O(b x b) memory).
 
     Only the first output (the row reduction) is differentiable; the second is for metrics.
     """
-    return _ring_forward(a, bmat, c, kind, axes, n)
+    return _ring_forward(a, bmat, c, kind, axes, n, unroll)
 
 
-def _ring_rows_fwd(a, bmat, c, kind, axes, n):
-    out, aux = _ring_forward(a, bmat, c, kind, axes, n)
+def _ring_rows_fwd(a, bmat, c, kind, axes, n, unroll):
+    out, aux = _ring_forward(a, bmat, c, kind, axes, n, unroll)
     return (out, aux), (a, bmat, c, out)
 
 
-def _ring_rows_bwd(kind, axes, n, res, cotangents):
+def _ring_rows_bwd(kind, axes, n, unroll, res, cotangents):
     a, bmat, c, out = res
     g = cotangents[0]  # [b]; the metric outputs carry no gradient
 
@@ -245,7 +282,7 @@ def _ring_rows_bwd(kind, axes, n, res, cotangents):
         return blk, dblk + dblk_t, da + da_t, dc + dc_t
 
     da, dblk, dc = grads(bmat)
-    _, dblk, da, dc = lax.fori_loop(1, n, step, (bmat, dblk, da, dc))
+    _, dblk, da, dc = _ring_loop(n, step, (bmat, dblk, da, dc), unroll)
     dbmat = _shift(dblk, axes, n)  # n-th shift: each block's gradient is back home
     # c is a replicated scalar (sigmoid bias) or a constant; its gradient sums every row of
     # every device. Returned invariant, matching the replicated input.
