@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 
 import flax.linen as nn
 import jax
@@ -242,3 +243,23 @@ def test_bad_contrastive_configs(data_dir):
     config = _config(data_dir, **{"data.source": "jsonl:/nonexistent.jsonl"})
     with pytest.raises(FileNotFoundError, match="no JSON Lines file"):
         task.build_model(config)
+
+
+def test_sentencepiece_tokenizer_trained_on_captions(data_dir):
+    """data.tokenizer="sentencepiece:N": the pipeline's tokens decode to the data's
+    captions, the text tower's vocabulary follows the model, and a step trains on them."""
+    config = _config(data_dir, **{"data.tokenizer": "sentencepiece:64", "batch_size": 16})
+    task = tasks.get("contrastive")
+    tok = task.tokenizer(config)
+    assert type(tok).__name__ == "SentencePieceTokenizer"
+    assert pickle.loads(pickle.dumps(tok)) == tok  # data workers may receive a copy
+    batch = next(iter(task.train_dataset(config, 0, 1)))
+    length = task.context_length(config)
+    encoded = tok.encode(list(text_lib._train_captions(config.data)), length)
+    tokens = batch["tokens"]
+    assert tokens.shape == (16, length) and (tokens[:, 0] == tok.bos_id).all()
+    assert {tuple(row) for row in tokens.tolist()} <= {tuple(row) for row in encoded.tolist()}
+    assert task.build_model(config).text["vocab_size"] == tok.vocab_size
+    one = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    _, (metrics,) = _run_steps(config, one, [{"image": batch["image"], "tokens": tokens}])
+    assert np.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0

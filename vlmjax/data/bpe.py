@@ -190,7 +190,7 @@ class BPETokenizer:
     def tokenize(self, text: tokenizer_lib.Text) -> list[int]:
         """One text -> its token ids without bos/eos."""
         ids: list[int] = []
-        for piece, is_special in self._split_specials(tokenizer_lib._as_str(text)):
+        for piece, is_special in self._split_specials(tokenizer_lib.as_str(text)):
             if is_special:
                 ids.append(self._vocab[piece])
             else:
@@ -216,7 +216,7 @@ class BPETokenizer:
     ) -> np.ndarray:
         """Texts (str or UTF-8 bytes; one counts as a batch of 1) -> int32 [n, context_length]
         `[bos] tokens... [eos] [pad]...`, truncated keeping `eos` last."""
-        rows = [self.tokenize(text) for text in tokenizer_lib._as_texts(texts)]
+        rows = [self.tokenize(text) for text in tokenizer_lib.as_texts(texts)]
         return tokenizer_lib.pack(rows, context_length, self.bos_id, self.eos_id, self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:

@@ -53,7 +53,7 @@ class Tokens:
 
     image: int = 71011  # |SPEAKER|: placeholder at patch positions (HF finds patches by it)
     newline: int = 71019  # |NEWLINE|: closes each row of patches
-    bos: int = 1  # <s>
+    bos: int | None = 1  # <s>; None: the prompt starts right after the image
     eos: int = 2  # </s>: closes the target text
     pad: int = 0
     boa: int | None = 71122  # <0x04>, "beginning of answer", after the prompt; None: omit
@@ -190,7 +190,8 @@ def layout(
         grid = np.full((rows, cols + 1), ids.image, np.int32)
         grid[:, -1] = ids.newline
         pieces.append(grid.reshape(-1))
-    head = [ids.bos, *prompt] + ([] if ids.boa is None else [ids.boa])
+    head = ([] if ids.bos is None else [ids.bos]) + [*prompt]
+    head += [] if ids.boa is None else [ids.boa]
     pieces.append(np.asarray(head, np.int32))
     num_target = 0
     if target is not None:

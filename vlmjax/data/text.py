@@ -11,8 +11,11 @@ The same templates, averaged over, give the zero-shot classifier (`vlmjax/evalua
     decoder, on the record fields it reads: `get_tokenizer(cfg, fields=...)`). For `shapes`
     it is trained once and saved beside the prepared dataset; for other sources it is
     retrained (deterministically) in memory when the run starts.
+  * "sentencepiece:N": a SentencePiece unigram model of about N pieces trained on the same
+    text (saved beside `shapes` like "word"); subwords, so unseen words still encode.
   * a path: a saved WordTokenizer JSON, or pretrained tokenizer files (see
-    `tokenizer.load`), e.g. a Hugging Face CLIP folder.
+    `tokenizer.load_tokenizer`): a Hugging Face CLIP folder, a SentencePiece `.model` file or
+    a folder holding one (SigLIP, T5, Gemma).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vlmjax.data import jsonl, shapes, sources
+from vlmjax.data import jsonl, shapes, sources, spm
 from vlmjax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger("vlmjax")
 
 # Prompt sets by name; `data.templates` may instead list its own, separated by "|".
+SENTENCEPIECE = "sentencepiece:"  # data.tokenizer prefix of a model trained on the captions
+
 TEMPLATES = {
     # A caption of a shapes scene names the large (or only) shape as "a large COLOUR KIND";
     # the label is that shape's kind, so the ensemble covers every colour of it.
@@ -128,29 +133,53 @@ def _train_fields(cfg: ml_collections.ConfigDict, fields: tuple[str, ...]):
 
 
 def _word_tokenizer_path(
-    cfg: ml_collections.ConfigDict, fields: tuple[str, ...] = ()
+    cfg: ml_collections.ConfigDict, fields: tuple[str, ...] = (), kind: str = "word"
 ) -> str | None:
-    """Where the `shapes` word vocabulary is kept (beside the prepared data); None elsewhere.
-    A vocabulary over `fields` is named after them (`word_tokenizer_caption+question.json`)."""
+    """Where a tokenizer trained on `shapes` is kept (beside the prepared data); None
+    elsewhere. It is named after its kind and the fields it was trained on
+    (`word_tokenizer_caption+question.json`, `sentencepiece1000_tokenizer_caption.model`)."""
     if cfg.source != "shapes":
         return None
     directory = shapes.dataset_dir(cfg.data_dir, cfg.image_size, cfg.num_train, cfg.num_heldout)
     name = "+".join(fields) if fields else (cfg.caption_key or "labels")
-    return os.path.join(directory, f"word_tokenizer_{name}.json")
+    suffix = "json" if kind == "word" else "model"
+    return os.path.join(directory, f"{kind}_tokenizer_{name}.{suffix}")
+
+
+def _sentencepiece_size(spec: str) -> int | None:
+    """N for a spec "sentencepiece:N" (a model of N pieces trained on the captions)."""
+    if not spec.startswith(SENTENCEPIECE):
+        return None
+    size = spec[len(SENTENCEPIECE) :]
+    if not size.isdigit() or int(size) < 8:
+        raise ValueError(
+            f"data.tokenizer={spec!r}: write {SENTENCEPIECE}N with a vocabulary size N >= 8, "
+            f"e.g. {SENTENCEPIECE}1000"
+        )
+    return int(size)
 
 
 @functools.lru_cache(maxsize=8)
 def _load(spec: str, frozen_cfg: str, fields: tuple[str, ...] = ()) -> tokenizer_lib.Tokenizer:
     cfg = ml_collections.ConfigDict(__import__("json").loads(frozen_cfg))
+    texts = _train_fields(cfg, fields) if fields else _train_captions(cfg)  # lazy
+    what = f"{list(fields) or 'the captions'} of {cfg.source}"
     if spec == "word":
-        texts = _train_fields(cfg, fields) if fields else _train_captions(cfg)
         path = _word_tokenizer_path(cfg, fields)
         if path is not None:
             return tokenizer_lib.build_for_captions(texts, path)
-        log.info(
-            "training a word tokenizer on %s of %s", list(fields) or "the captions", cfg.source
-        )
+        log.info("training a word tokenizer on %s", what)
         return tokenizer_lib.WordTokenizer.train(texts)
+    size = _sentencepiece_size(spec)
+    if size is not None:
+        path = _word_tokenizer_path(cfg, fields, kind=f"sentencepiece{size}")
+        if path is not None and os.path.exists(path):
+            return spm.SentencePieceTokenizer.load(path)
+        log.info("training a %d-piece SentencePiece model on %s", size, what)
+        tok = spm.train(texts, size)
+        if path is not None:
+            spm.save(tok, path)
+        return tok
     return tokenizer_lib.load_tokenizer(os.path.expanduser(spec))
 
 

@@ -1,15 +1,16 @@
 """Offline text tokenizers producing fixed-length int32 token arrays for a CLIP-style text tower.
 
 Every tokenizer follows the `Tokenizer` protocol below, so CLIP's byte-level BPE
-(`vlmjax.data.bpe`) and `WordTokenizer` are interchangeable for their callers, and
-`load_tokenizer(path)` opens either from its files:
+(`vlmjax.data.bpe`), SentencePiece models (`vlmjax.data.spm`) and `WordTokenizer` are
+interchangeable for their callers, and `load_tokenizer(path)` opens any of them from its files:
 
   * `encode(texts, context_length)` -> int32 [n, context_length] laid out as
     `[bos] tokens... [eos] [pad]...`; a text too long keeps its first `context_length - 2`
     tokens so that the last position holds `eos` (as OpenAI CLIP's `truncate=True`).
     `bytes` inputs are decoded as UTF-8 (tfds returns text features as bytes).
   * `decode(ids)` -> str: the inverse for one row, skipping the special tokens.
-  * `vocab_size`, `pad_id`, `bos_id`, `eos_id`: the embedding-table size and special ids. Pooling
+  * `vocab_size`, `pad_id`, `bos_id`, `eos_id`: the embedding-table size and special ids
+    (`bos_id` is None for a tokenizer without one, whose rows start with the text). Pooling
     must locate the end of text with `eos_id` (e.g. `ids == tok.eos_id`), never by assuming the
     `eos` id is the largest in the vocabulary as CLIP's `argmax` pooling does.
 
@@ -53,7 +54,7 @@ class Tokenizer(Protocol):
     def pad_id(self) -> int: ...
 
     @property
-    def bos_id(self) -> int: ...
+    def bos_id(self) -> int | None: ...
 
     @property
     def eos_id(self) -> int: ...
@@ -63,7 +64,7 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
-def _as_str(text: Text) -> str:
+def as_str(text: Text) -> str:
     if isinstance(text, bytes):
         return bytes(text).decode("utf-8")
     if isinstance(text, str):
@@ -73,10 +74,10 @@ def _as_str(text: Text) -> str:
 
 def split_words(text: Text) -> list[str]:
     """Lower-cases and splits on whitespace and punctuation, keeping each punctuation char."""
-    return _TOKEN_RE.findall(_as_str(text).lower())
+    return _TOKEN_RE.findall(as_str(text).lower())
 
 
-def _as_texts(texts: Text | Iterable[Text]) -> list[Text]:
+def as_texts(texts: Text | Iterable[Text]) -> list[Text]:
     if isinstance(texts, str | bytes):  # np.str_ / np.bytes_ are subclasses
         return [texts]
     if isinstance(texts, np.ndarray):
@@ -85,18 +86,26 @@ def _as_texts(texts: Text | Iterable[Text]) -> list[Text]:
 
 
 def pack(
-    token_ids: Sequence[Sequence[int]], context_length: int, bos: int, eos: int, pad: int
+    token_ids: Sequence[Sequence[int]],
+    context_length: int,
+    bos: int | None,
+    eos: int,
+    pad: int,
 ) -> np.ndarray:
     """Rows of token ids (no specials) -> int32 [n, context_length]: `[bos] ids [eos] [pad]...`,
-    each row truncated so that `eos` stays in the last position. Shared by all tokenizers."""
-    if context_length < 2:
-        raise ValueError(f"context_length must be >= 2 (bos and eos), got {context_length}")
+    each row truncated so that `eos` stays in the last position. Shared by all tokenizers;
+    `bos=None` (a tokenizer without one, e.g. T5's) starts the rows with the text."""
+    head = [] if bos is None else [bos]
+    if context_length < len(head) + 1:
+        raise ValueError(
+            f"context_length must be >= {len(head) + 1} ({'bos and ' if head else ''}eos), "
+            f"got {context_length}"
+        )
     out = np.full((len(token_ids), context_length), pad, dtype=np.int32)
     for row, ids in enumerate(token_ids):
-        ids = list(ids)[: context_length - 2]
-        out[row, 0] = bos
-        out[row, 1 : 1 + len(ids)] = ids
-        out[row, 1 + len(ids)] = eos
+        ids = [*head, *list(ids)[: context_length - len(head) - 1]]
+        out[row, : len(ids)] = ids
+        out[row, len(ids)] = eos
     return out
 
 
@@ -150,7 +159,7 @@ class WordTokenizer:
     def encode(self, texts: Text | Iterable[Text], context_length: int) -> np.ndarray:
         """Texts (str or UTF-8 bytes; a single one counts as a batch of 1) -> int32
         [n, context_length] `[bos] tokens... [eos] [pad]...`, truncated keeping `eos` last."""
-        rows = [self.tokenize(text) for text in _as_texts(texts)]
+        rows = [self.tokenize(text) for text in as_texts(texts)]
         return pack(rows, context_length, self.bos_id, self.eos_id, self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -220,15 +229,20 @@ def build_for_captions(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved at `path`: a `WordTokenizer.save` JSON file, or CLIP's byte-level
-    BPE from a Hugging Face folder, a tokenizer.json, or OpenAI's bpe_simple_vocab .txt[.gz]
-    (see `vlmjax.data.bpe.load`)."""
+    """The tokenizer saved at `path`: a `WordTokenizer.save` JSON file; a SentencePiece
+    `.model` file, or a folder holding one (`spiece.model`, `tokenizer.model`: SigLIP, T5,
+    Gemma); else CLIP's byte-level BPE from a Hugging Face folder, a tokenizer.json, or
+    OpenAI's bpe_simple_vocab .txt[.gz] (see `vlmjax.data.bpe.load`)."""
+    # imported here: bpe and spm import this module
+    from vlmjax.data import bpe, spm
+
     path = os.fspath(path)
     if os.path.isfile(path) and path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if isinstance(data, dict) and data.get("format") == _FORMAT:
             return WordTokenizer.from_json(data)
-    from vlmjax.data import bpe  # imported here: bpe imports this module
-
+    model = spm.model_file(path)
+    if model is not None:
+        return spm.SentencePieceTokenizer.load(model)
     return bpe.load(path)
