@@ -7,17 +7,15 @@ transformers; otherwise they skip.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+import parity
 import pytest
 
 from vlmjax import convert
 from vlmjax.convert import hf_clip
 from vlmjax.convert import tensors as tensors_lib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE = 1e-4  # max abs difference of embeddings and logits, float32
 IMAGE_SIZE = 32
 
@@ -63,40 +61,17 @@ CASES = {
 }
 
 
-def _parity_python() -> str | None:
-    """$VLMJAX_PARITY_PYTHON, else this interpreter if it has torch and transformers."""
-    if python := os.environ.get("VLMJAX_PARITY_PYTHON"):
-        assert os.access(python, os.X_OK), f"VLMJAX_PARITY_PYTHON={python!r} is not executable"
-        return python
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """case name -> reference.py's output dir (model/ and io.npz), built once per module."""
-    python = _parity_python()
-    if python is None:
-        pytest.skip(
-            "torch/transformers not available: set VLMJAX_PARITY_PYTHON to a Python that has "
-            "them (tests/convert/make_parity_env.sh builds one)"
-        )
+    parity.python()  # skips the module's parity tests without torch and transformers
     built = {}
 
     def get(case: str) -> str:
         if case not in built:
             out = str(tmp_path_factory.mktemp(f"reference_clip_{case}"))
-            script = os.path.join(HERE, "reference.py")
-            command = [python, script, "clip", json.dumps(CASES[case]), out]
-            command += ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "4"]
-            env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
-            built[case] = out
+            options = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "4"]
+            built[case] = parity.run_reference("clip", CASES[case], out, *options)
         return built[case]
 
     return get

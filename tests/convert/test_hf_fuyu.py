@@ -9,13 +9,12 @@ generation tests still run, and the processor comparison skips with that reason.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import parity
 import pytest
 
 from vlmjax import convert, generate
@@ -24,7 +23,6 @@ from vlmjax.convert import tensors as tensors_lib
 from vlmjax.data import fuyu_layout
 from vlmjax.models import fuyu
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE = 1e-4  # max abs logit difference, float32
 
 # reference.py's toy vocabulary: <unk>=0 (pad), <s>, </s>, <0x04> (BOA), |SPEAKER|,
@@ -94,28 +92,10 @@ CASES = {
 }
 
 
-def _parity_python() -> str | None:
-    """$VLMJAX_PARITY_PYTHON, else this interpreter if it has torch and transformers."""
-    if python := os.environ.get("VLMJAX_PARITY_PYTHON"):
-        assert os.access(python, os.X_OK), f"VLMJAX_PARITY_PYTHON={python!r} is not executable"
-        return python
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """case -> (output dir, io.npz contents), built once per module."""
-    python = _parity_python()
-    if python is None:
-        pytest.skip(
-            "torch/transformers not available: set VLMJAX_PARITY_PYTHON to a Python that has "
-            "them (tests/convert/make_parity_env.sh builds one)"
-        )
+    parity.python()  # skips the module's parity tests without torch and transformers
     built = {}
 
     def get(case: str):
@@ -131,10 +111,7 @@ def reference(tmp_path_factory):
                 dtype=c.get("dtype", "float32"),
             )
             out = str(tmp_path_factory.mktemp(f"reference_fuyu_{case}"))
-            command = [python, os.path.join(HERE, "reference.py"), "fuyu", json.dumps(spec), out]
-            env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
+            parity.run_reference("fuyu", spec, out)
             built[case] = (out, dict(np.load(os.path.join(out, "io.npz"))))
         return built[case]
 

@@ -7,16 +7,14 @@ builds one), or under this interpreter if it has both; otherwise they skip.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+import parity
 import pytest
 
 from vlmjax import convert
 from vlmjax.convert import hf_resnet
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOLERANCE = 1e-4  # max abs logit difference, float32
 
 # (HF config fields, image size); odd sizes check torch's floor in strided output sizes.
@@ -39,28 +37,10 @@ CASES = {
 }
 
 
-def _parity_python() -> str | None:
-    """$VLMJAX_PARITY_PYTHON, else this interpreter if it has torch and transformers."""
-    if python := os.environ.get("VLMJAX_PARITY_PYTHON"):
-        assert os.access(python, os.X_OK), f"VLMJAX_PARITY_PYTHON={python!r} is not executable"
-        return python
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """case name -> reference.py's output dir (model/ and io.npz), built once per module."""
-    python = _parity_python()
-    if python is None:
-        pytest.skip(
-            "torch/transformers not available: set VLMJAX_PARITY_PYTHON to a Python that has "
-            "them; .ci/run builds one"
-        )
+    parity.python()  # skips the module's parity tests without torch and transformers
     built = {}
 
     def get(case: str) -> str:
@@ -68,13 +48,8 @@ def reference(tmp_path_factory):
             fields, image_size = CASES[case]
             spec = dict(fields, head=False) if case == "features" else dict(fields, num_labels=5)
             out = str(tmp_path_factory.mktemp(f"reference_{case}"))
-            script = os.path.join(HERE, "reference.py")
-            command = [python, script, "resnet", json.dumps(spec), out]
-            command += ["--image-size", str(image_size)]
-            env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stderr[-3000:]}"
-            built[case] = out
+            options = ["--image-size", str(image_size)]
+            built[case] = parity.run_reference("resnet", spec, out, *options)
         return built[case]
 
     return get

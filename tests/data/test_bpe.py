@@ -10,18 +10,13 @@ otherwise they skip. Everything else is pure Python.
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+import parity
 import pytest
 
 from vlmjax.data import bpe
 from vlmjax.data.tokenizer import SPECIAL_TOKENS, Tokenizer, WordTokenizer, load_tokenizer
-
-REFERENCE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "convert", "reference.py"
-)
 
 # ------------------------------------------------------------------------------------------
 # A hand-made vocabulary: CLIP's layout (256 byte symbols, the same with </w>, one id per
@@ -292,35 +287,13 @@ PARITY_TEXTS = {
 }
 
 
-def _parity_python() -> str | None:
-    """$VLMJAX_PARITY_PYTHON, else this interpreter if it has torch and transformers."""
-    if python := os.environ.get("VLMJAX_PARITY_PYTHON"):
-        assert os.access(python, os.X_OK), f"VLMJAX_PARITY_PYTHON={python!r} is not executable"
-        return python
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(reference.py's output dir, its tokens.json as a dict), built once per module."""
-    python = _parity_python()
-    if python is None:
-        pytest.skip(
-            "torch/transformers not available: set VLMJAX_PARITY_PYTHON to a Python that has them "
-            "(tests/convert/make_parity_env.sh builds one)"
-        )
     out = str(tmp_path_factory.mktemp("reference_bpe"))
     texts = list(PARITY_TEXTS.values())
     spec = dict(corpus=CORPUS, vocab_size=800, texts=texts, context_length=CONTEXT_LENGTH)
-    command = [python, REFERENCE, "tokenizer", json.dumps(spec), out]
-    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, f"{' '.join(command[:3])} failed:\n{done.stderr[-3000:]}"
+    parity.run_reference("tokenizer", spec, out)
     with open(os.path.join(out, "tokens.json"), encoding="utf-8") as f:
         return out, json.load(f)
 
