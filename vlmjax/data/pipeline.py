@@ -122,7 +122,7 @@ def train_dataset(
     augment_pad: int = 4,
     image_size: int = 0,
     num_threads: int = 2,
-    prefetch: int = 4,
+    prefetch: int = 4,  # batches read ahead
     process_index: int = 0,
     process_count: int = 1,
     start_example: int = 0,
@@ -162,7 +162,8 @@ def train_dataset(
 
     ds = ds.random_map(randomise, seed=seed + 1)
     ds = ds[start_example:].batch(batch_size, drop_remainder=True)[process_index::process_count]
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * batch_size)
+    # The elements here are batches: `prefetch` batches ahead, not examples.
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return ds.to_iter_dataset(read)
 
 

@@ -1,11 +1,21 @@
 """Tasks: one module per objective, each defining the same functions (see classification.py).
 
-A task module provides `build_model(config)`, `init_inputs(config)`, `train_dataset(config,
-process_index, process_count)`, `eval_splits(config)`, `eval_dataset(config, split,
-process_index, process_count)`, `loss_fn(...)`, `eval_sums(...)` and `eval_finalize(sums)`.
-The train loop knows nothing else about them.
-"""
+A task module provides:
 
+- `build_model(config)`, `init_inputs(config)` (abstract inputs for `model.init`) and
+  `fake_batch(config, batch_size)` (random host arrays shaped like a train batch; `vlmjax
+  bench` trains on them);
+- `train_dataset(config, process_index, process_count, start_example=0)`;
+- `make_loss_fn(config, model)` -> `loss_fn(params, model_state, batch, rng)` returning
+  (loss, (metrics, new model_state)), and `make_eval_fn(config, model)` -> the jitted eval
+  step's body;
+- `eval_splits(config)`, then either `eval_dataset(config, split, process_index,
+  process_count)` with `eval_finalize(sums)`, for metrics that are sums over batches
+  (classification), or `evaluate_split(config, split, model, eval_step, state,
+  batch_sharding)`, for metrics that need the whole split at once (retrieval, generation).
+
+The train loop (`vlmjax/train.py`) knows nothing else about them.
+"""
 import importlib
 from types import ModuleType
 
