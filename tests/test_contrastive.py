@@ -15,6 +15,7 @@ from vlmjax import mesh as mesh_lib
 from vlmjax import optim, tasks, train
 from vlmjax.data import jsonl, shapes
 from vlmjax.data import text as text_lib
+from vlmjax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_TINY = os.path.join(ROOT, "experiments", "shapes_clip.py") + ":tiny"
@@ -208,6 +209,23 @@ def test_train_on_jsonl_captions(tmp_path):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         losses = [json.loads(line)["train/loss"] for line in f if "train/loss" in line]
     assert losses[-1] < losses[0]
+
+    # The word vocabulary trained at the start is kept in the workdir: after the captions
+    # change, `vlmjax eval` still tokenizes with it and reproduces the run's final metrics.
+    kept = os.path.join(workdir, "word_tokenizer_caption.json")
+    vocab = tokenizer_lib.WordTokenizer.load(kept)
+    with open(train_path) as f:
+        records = [json.loads(line) for line in f]
+    with open(train_path, "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "caption": "zebra " + r["caption"][::-1]}) + "\n")
+    text_lib._load.cache_clear()
+    retrained = text_lib.get_tokenizer(config.data)  # outside a run: trained afresh
+    assert "zebra" in retrained.tokens and "zebra" not in vocab.tokens
+    _, again = train.evaluate_checkpoint(config, workdir)
+    assert again == pytest.approx(metrics, abs=1e-6)
+    with text_lib.keep_trained_tokenizers_in(workdir):
+        assert text_lib.get_tokenizer(config.data) == vocab
 
 
 def test_captions_from_labels_and_templates(data_dir):

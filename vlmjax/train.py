@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from vlmjax import checkpoint, flops, optim, tasks, writers
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
-from vlmjax.data import pipeline, sources
+from vlmjax.data import pipeline, sources, text
 
 log = logging.getLogger("vlmjax")
 
@@ -251,7 +251,11 @@ def evaluate_checkpoint(
     check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     mesh_lib.batch_size_per_process(config.eval_batch_size, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(mesh_lib.RULES),
+        text.keep_trained_tokenizers_in(workdir),  # a vocabulary trained on the data
+    ):
         sources.prepare(config.data)
         task = tasks.get(config.task)
         run = setup(config, task, mesh)
@@ -345,15 +349,20 @@ def train(
         "mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count()
     )
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        # Data first (built once, a no-op later): a model may depend on it (a vocabulary).
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(mesh_lib.RULES),
+        text.keep_trained_tokenizers_in(workdir),  # a vocabulary trained on the data
+    ):
+        # Data first (built once, a no-op later): a model may depend on it (a vocabulary,
+        # trained on the first start and kept in the workdir for later ones).
         sources.prepare(config.data)
+        os.makedirs(workdir, exist_ok=True)
         # Model, optimizer, shardings and the jitted init/train/eval functions.
         task = tasks.get(config.task)
         run = setup(config, task, mesh)
 
         # Init, or resume from the latest checkpoint in the workdir.
-        os.makedirs(workdir, exist_ok=True)
         if is_main:
             _write_config(config, workdir)
         mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)

@@ -10,7 +10,8 @@ The same templates, averaged over, give the zero-shot classifier (`vlmjax/evalua
   * "word": a word-level vocabulary trained on the train split's captions (or, for the
     decoder, on the record fields it reads: `get_tokenizer(cfg, fields=...)`). For `shapes`
     it is trained once and saved beside the prepared dataset; for other sources it is
-    retrained (deterministically) in memory when the run starts.
+    trained when a run first starts and saved in its workdir, whence later starts (resume,
+    `vlmjax eval`, `vlmjax generate`) load it (`keep_trained_tokenizers_in`).
   * "sentencepiece:N": a SentencePiece unigram model of about N pieces trained on the same
     text (saved beside `shapes` like "word"); subwords, so unseen words still encode.
   * a path: a saved WordTokenizer JSON, or pretrained tokenizer files (see
@@ -20,10 +21,11 @@ The same templates, averaged over, give the zero-shot classifier (`vlmjax/evalua
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -132,15 +134,41 @@ def _train_fields(cfg: ml_collections.ConfigDict, fields: tuple[str, ...]):
                 yield from (as_str(v) for v in value)
 
 
+_keep_dir: str | None = None  # see keep_trained_tokenizers_in
+
+
+@contextlib.contextmanager
+def keep_trained_tokenizers_in(directory: str | os.PathLike) -> Iterator[None]:
+    """Within this context, tokenizers trained on a source other than `shapes` are saved in
+    `directory` (a run's workdir: `vlmjax train`, `eval` and `generate` use it) and loaded
+    from there when it already holds them. A resumed run, or an evaluation, thus keeps the
+    ids its checkpoints were trained with even if the captions changed since, and needs no
+    training data to rebuild them. (`shapes` is deterministic: its tokenizers are kept
+    beside the prepared data.)"""
+    global _keep_dir
+    previous, _keep_dir = _keep_dir, os.fspath(directory)
+    try:
+        yield
+    finally:
+        _keep_dir = previous
+
+
 def _word_tokenizer_path(
-    cfg: ml_collections.ConfigDict, fields: tuple[str, ...] = (), kind: str = "word"
+    cfg: ml_collections.ConfigDict,
+    fields: tuple[str, ...] = (),
+    kind: str = "word",
+    keep_dir: str | None = None,
 ) -> str | None:
-    """Where a tokenizer trained on `shapes` is kept (beside the prepared data); None
-    elsewhere. It is named after its kind and the fields it was trained on
-    (`word_tokenizer_caption+question.json`, `sentencepiece1000_tokenizer_caption.model`)."""
-    if cfg.source != "shapes":
+    """Where a tokenizer trained on the data is kept: beside the prepared `shapes` data, or
+    in `keep_dir` for other sources; None if nowhere. It is named after its kind and the
+    fields it was trained on (`word_tokenizer_caption+question.json`,
+    `sentencepiece1000_tokenizer_caption.model`)."""
+    if cfg.source == "shapes":
+        directory = shapes.dataset_dir(cfg.data_dir, cfg.image_size, cfg.num_train, cfg.num_heldout)
+    elif keep_dir is not None:
+        directory = keep_dir
+    else:
         return None
-    directory = shapes.dataset_dir(cfg.data_dir, cfg.image_size, cfg.num_train, cfg.num_heldout)
     name = "+".join(fields) if fields else (cfg.caption_key or "labels")
     suffix = "json" if kind == "word" else "model"
     return os.path.join(directory, f"{kind}_tokenizer_{name}.{suffix}")
@@ -160,20 +188,25 @@ def _sentencepiece_size(spec: str) -> int | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _load(spec: str, frozen_cfg: str, fields: tuple[str, ...] = ()) -> tokenizer_lib.Tokenizer:
+def _load(
+    spec: str, frozen_cfg: str, fields: tuple[str, ...] = (), keep_dir: str | None = None
+) -> tokenizer_lib.Tokenizer:
     cfg = ml_collections.ConfigDict(__import__("json").loads(frozen_cfg))
     texts = _train_fields(cfg, fields) if fields else _train_captions(cfg)  # lazy
     what = f"{list(fields) or 'the captions'} of {cfg.source}"
     if spec == "word":
-        path = _word_tokenizer_path(cfg, fields)
+        path = _word_tokenizer_path(cfg, fields, keep_dir=keep_dir)
         if path is not None:
+            if os.path.exists(path) and cfg.source != "shapes":
+                log.info("word tokenizer from %s (trained when the run started)", path)
             return tokenizer_lib.build_for_captions(texts, path)
         log.info("training a word tokenizer on %s", what)
         return tokenizer_lib.WordTokenizer.train(texts)
     size = _sentencepiece_size(spec)
     if size is not None:
-        path = _word_tokenizer_path(cfg, fields, kind=f"sentencepiece{size}")
+        path = _word_tokenizer_path(cfg, fields, kind=f"sentencepiece{size}", keep_dir=keep_dir)
         if path is not None and os.path.exists(path):
+            log.info("SentencePiece model from %s", path)
             return spm.SentencePieceTokenizer.load(path)
         log.info("training a %d-piece SentencePiece model on %s", size, what)
         tok = spm.train(texts, size)
@@ -193,4 +226,4 @@ def get_tokenizer(
     "question", "answer")); None trains it on the captions (`cfg.caption_key`), as the
     contrastive task does. Pretrained tokenizers ignore it."""
     frozen = cfg.to_json_best_effort(sort_keys=True)
-    return _load(cfg.tokenizer, frozen, tuple(fields or ()))
+    return _load(cfg.tokenizer, frozen, tuple(fields or ()), _keep_dir)

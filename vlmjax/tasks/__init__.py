@@ -16,6 +16,7 @@ A task module provides:
 
 The train loop (`vlmjax/train.py`) knows nothing else about them.
 """
+
 import importlib
 from types import ModuleType
 

@@ -618,9 +618,13 @@ def generate_from_workdir(
     `workdir`, on one device; only the parameters are read. `options` go to `answer`."""
     from vlmjax import optim, train  # train imports the tasks: import it late
 
-    model = build_model(config)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(mesh_lib.RULES),
+        text_lib.keep_trained_tokenizers_in(workdir),  # a vocabulary trained on the data
+    ):
+        model = build_model(config)
         tx, _ = optim.build(config.optimizer, config.total_steps)
         _, shardings, abstract = train.state_shardings(model, tx, init_inputs(config), mesh)
         flat = checkpoint.load_params(workdir, abstract.params, shardings.params, ".*", step)
