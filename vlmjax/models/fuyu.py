@@ -141,15 +141,15 @@ class DecoderBlock(nn.Module):
             name="attn",
         )(y, positions, mask, kv_cache, index)
         x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        y = layers.layer_norm(self.dtype, name="norm2", epsilon=self.eps)(x)
-        y = layers.Mlp(
+        x = layers.residual_mlp(
+            x,
             self.mlp_dim,
             dtype=self.dtype,
-            dropout=self.dropout,
             activation=self.activation,
-            name="mlp",
-        )(y, deterministic)
-        x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+            eps=self.eps,
+            dropout=self.dropout,
+            deterministic=deterministic,
+        )
         return x, kv_cache
 
 

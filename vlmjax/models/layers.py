@@ -231,6 +231,27 @@ def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> 
     )
 
 
+def residual_mlp(
+    x: jax.Array,
+    mlp_dim: int,
+    *,
+    dtype: Dtype,
+    activation: str,
+    eps: float,
+    dropout: float,
+    deterministic: bool,
+) -> jax.Array:
+    """x + Dropout(MLP(LN(x))), the second half of a pre-LN transformer block; [b, l, d].
+
+    Call it inside a block's compact `__call__`: its "norm2" and "mlp" submodules are the
+    caller's, so parameter names are those of a block that spells it out."""
+    y = layer_norm(dtype, name="norm2", epsilon=eps)(x)
+    y = Mlp(mlp_dim, dtype=dtype, dropout=dropout, activation=activation, name="mlp")(
+        y, deterministic
+    )
+    return x + nn.Dropout(dropout)(y, deterministic=deterministic)
+
+
 def classifier_head(num_classes: int, dtype: Dtype, kernel_init: Callable) -> nn.Dense:
     """The final Dense "head" of a classifier: [b, d] -> logits [b, num_classes] in `dtype`
     (callers cast to float32), with a zero bias and (embed, classes) logical axes."""

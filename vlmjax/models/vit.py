@@ -71,15 +71,15 @@ class EncoderBlock(nn.Module):
             name="attn",
         )(y)
         x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
-        y = layers.layer_norm(self.dtype, name="norm2", epsilon=self.eps)(x)
-        y = layers.Mlp(
+        x = layers.residual_mlp(
+            x,
             self.mlp_dim,
             dtype=self.dtype,
-            dropout=self.dropout,
             activation=self.activation,
-            name="mlp",
-        )(y, deterministic)
-        x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+            eps=self.eps,
+            dropout=self.dropout,
+            deterministic=deterministic,
+        )
         # (carry, per-layer output) so the same block works under nn.scan.
         return x, None
 
