@@ -82,6 +82,13 @@ def test_prompt_only_text_only_and_no_boa():
     assert not text["image_mask"].any() and text["patches"].shape == (5, 48)
     no_boa = fl.LayoutSpec(patch_size=4, tokens=fl.Tokens(boa=None, bos=7, eos=8, image=9))
     np.testing.assert_array_equal(fl.layout(None, [10], [20], no_boa)["tokens"], [7, 10, 20, 8])
+    # A tokenizer without BOS (T5-style SentencePiece): the prompt follows the image.
+    no_bos = fl.LayoutSpec(patch_size=4, tokens=fl.Tokens(boa=None, bos=None, eos=8, image=9))
+    seq = fl.layout(_image(4, 8), [10], [20], no_bos)
+    np.testing.assert_array_equal(seq["tokens"], [9, 9, fl.Tokens().newline, 10, 20, 8])
+    # Position i predicts token i + 1: the prompt's last token predicts the target.
+    np.testing.assert_array_equal(seq["targets"][3:5], [20, 8])
+    np.testing.assert_array_equal(seq["loss_mask"], [0, 0, 0, 1, 1, 0])
     with pytest.raises(ValueError, match="uint8 image"):
         fl.layout(np.zeros((4, 4, 3), np.float32), [1], None, SPEC)
     with pytest.raises(ValueError, match="placeholder"):
