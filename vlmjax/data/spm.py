@@ -15,6 +15,7 @@ EOS piece is refused: text towers pool at EOS and decoders stop there.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 
@@ -26,12 +27,17 @@ from vlmjax.data import tokenizer as tokenizer_lib
 MODEL_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.model")
 
 
-def _processor(model: bytes):
+def _sentencepiece():
+    """The library, imported on first use (machines that never tokenize need not have it)."""
     try:
         import sentencepiece
-    except ImportError as e:  # a dependency of vlmjax; only a broken install lacks it
+    except ImportError as e:  # a dependency of vlmjax; only a partial install lacks it
         raise ImportError("SentencePiece models need `pip install sentencepiece`") from e
-    processor = sentencepiece.SentencePieceProcessor()
+    return sentencepiece
+
+
+def _processor(model: bytes):
+    processor = _sentencepiece().SentencePieceProcessor()
     processor.LoadFromSerializedProto(model)
     return processor
 
@@ -132,15 +138,11 @@ def train(
     may yield fewer), with the ids of `WordTokenizer`: pad 0, bos 1, eos 2, unk 3.
 
     Deterministic for the same texts in the same order (one training thread)."""
-    import io
-
-    import sentencepiece
-
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type={model_type!r} is not 'unigram' or 'bpe'")
     model = io.BytesIO()
     try:
-        sentencepiece.SentencePieceTrainer.train(
+        _sentencepiece().SentencePieceTrainer.train(
             sentence_iterator=(tokenizer_lib.as_str(t) for t in texts),
             model_writer=model,
             vocab_size=vocab_size,
