@@ -167,6 +167,37 @@ def train_dataset(
     return ds.to_iter_dataset(read)
 
 
+def run_train_dataset(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    features: Callable[[bool], Callable[[Mapping], Example]],
+    process_index: int,
+    process_count: int,
+    start_example: int = 0,
+    random_features: Callable[[Example, np.random.Generator], Example] | None = None,
+) -> grain.IterDataset:
+    """`train_dataset` with a run's settings (`batch_size` split over the processes, `seed`,
+    `data.{image_size, augment, num_threads, prefetch}`), as every task reads its training
+    data. `features(resize)` builds the record -> example function; `resize` is False when
+    `random_resized_crop` does the resizing itself."""
+    data = config.data
+    crop = "random_resized_crop" in parse_augment(data.augment)
+    return train_dataset(
+        source,
+        features(not crop),
+        image_size=data.image_size,
+        batch_size=config.batch_size // process_count,
+        seed=config.seed,
+        augment=data.augment,
+        num_threads=data.num_threads,
+        prefetch=data.prefetch,
+        process_index=process_index,
+        process_count=process_count,
+        start_example=start_example,
+        random_features=random_features,
+    )
+
+
 def eval_batches(
     source: Any,
     features: Callable[[Mapping], Example],

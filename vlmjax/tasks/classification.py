@@ -75,20 +75,13 @@ def train_dataset(
     process_count: int,
     start_example: int = 0,
 ) -> grain.IterDataset:
-    source = _checked_source(config, config.data.train_split)
-    crop = "random_resized_crop" in pipeline.parse_augment(config.data.augment)
-    return pipeline.train_dataset(
-        source,
-        pipeline.classification_features(config.data, resize=not crop),
-        image_size=config.data.image_size,
-        batch_size=config.batch_size // process_count,
-        seed=config.seed,
-        augment=config.data.augment,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
-        process_index=process_index,
-        process_count=process_count,
-        start_example=start_example,
+    return pipeline.run_train_dataset(
+        config,
+        _checked_source(config, config.data.train_split),
+        lambda resize: pipeline.classification_features(config.data, resize=resize),
+        process_index,
+        process_count,
+        start_example,
     )
 
 

@@ -181,25 +181,19 @@ def train_dataset(
     start_example: int = 0,
 ) -> grain.IterDataset:
     tok, length = _checked_tokenizer(config), context_length(config)
-    crop = "random_resized_crop" in pipeline.parse_augment(config.data.augment)
 
     def pick_caption(ex, rng):
         texts = ex["texts"]
         caption = texts[int(rng.integers(len(texts)))] if len(texts) > 1 else texts[0]
         return {"image": ex["image"], "tokens": tok.encode([caption], length)[0]}
 
-    return pipeline.train_dataset(
+    return pipeline.run_train_dataset(
+        config,
         _source(config.data, config.data.train_split),
-        _features(config.data, resize=not crop),
-        image_size=config.data.image_size,
-        batch_size=config.batch_size // process_count,
-        seed=config.seed,
-        augment=config.data.augment,
-        num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch,
-        process_index=process_index,
-        process_count=process_count,
-        start_example=start_example,
+        lambda resize: _features(config.data, resize=resize),
+        process_index,
+        process_count,
+        start_example,
         random_features=pick_caption,
     )
 
