@@ -25,16 +25,19 @@ def data_dir(tmp_path_factory) -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def experiment(name: str, data_dir: str, overrides: dict | None = None):
+    """experiments/`name` (e.g. "shapes_clip.py:tiny") reading `data_dir`, with {"a.b": value}
+    overrides applied as the command line would."""
+    from vlmjax import config as config_lib
+
+    config = config_lib.load(os.path.join(ROOT, "experiments", name))
+    config_lib.override(config, "data.data_dir", data_dir)
+    for key, value in (overrides or {}).items():
+        config_lib.override(config, key, str(value))
+    return config
+
+
 @pytest.fixture
 def tiny_config(data_dir):
     """Factory: experiments/shapes_vit.py:tiny on the test data, with {"a.b": value} overrides."""
-    from vlmjax import config as config_lib
-
-    def make(overrides=None):
-        config = config_lib.load(os.path.join(ROOT, "experiments", "shapes_vit.py") + ":tiny")
-        config_lib.override(config, "data.data_dir", data_dir)
-        for key, value in (overrides or {}).items():
-            config_lib.override(config, key, str(value))
-        return config
-
-    return make
+    return lambda overrides=None: experiment("shapes_vit.py:tiny", data_dir, overrides)

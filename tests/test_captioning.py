@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import experiment
 from PIL import Image
 
 from vlmjax import cli, train
@@ -22,11 +23,7 @@ TINY = os.path.join(ROOT, "experiments", "shapes_decoder.py") + ":tiny"
 
 
 def _config(data_dir, **overrides):
-    config = config_lib.load(TINY)
-    config_lib.override(config, "data.data_dir", data_dir)
-    for key, value in overrides.items():
-        config_lib.override(config, key, str(value))
-    return config
+    return experiment("shapes_decoder.py:tiny", data_dir, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import experiment
 from PIL import Image
 
 from vlmjax import config as config_lib
@@ -22,11 +23,7 @@ CLIP_TINY = os.path.join(ROOT, "experiments", "shapes_clip.py") + ":tiny"
 
 
 def _config(data_dir, **overrides):
-    config = config_lib.load(CLIP_TINY)
-    config_lib.override(config, "data.data_dir", data_dir)
-    for key, value in overrides.items():
-        config_lib.override(config, key, str(value))
-    return config
+    return experiment("shapes_clip.py:tiny", data_dir, overrides)
 
 
 def _run_steps(config, mesh, batches):
