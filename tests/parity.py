@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -39,3 +40,21 @@ def run_reference(kind: str, spec: dict, out: str, *options: str) -> str:
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"reference.py {kind} failed:\n{done.stderr[-3000:]}"
     return out
+
+
+def cached_references(
+    tmp_path_factory, kind: str, arguments: Callable[[str], tuple[dict, list[str]]]
+) -> Callable[[str], str]:
+    """case -> the reference's output dir, run on a case's first use only (for a module-scoped
+    fixture); `arguments(case)` gives its (spec, options). Skips without the interpreter."""
+    python()
+    built: dict[str, str] = {}
+
+    def get(case: str) -> str:
+        if case not in built:
+            spec, options = arguments(case)
+            out = str(tmp_path_factory.mktemp(f"reference_{kind}_{case}"))
+            built[case] = run_reference(kind, spec, out, *options)
+        return built[case]
+
+    return get

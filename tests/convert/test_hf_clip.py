@@ -64,17 +64,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """case name -> reference.py's output dir (model/ and io.npz), built once per module."""
-    parity.python()  # skips the module's parity tests without torch and transformers
-    built = {}
-
-    def get(case: str) -> str:
-        if case not in built:
-            out = str(tmp_path_factory.mktemp(f"reference_clip_{case}"))
-            options = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "4"]
-            built[case] = parity.run_reference("clip", CASES[case], out, *options)
-        return built[case]
-
-    return get
+    options = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "4"]
+    return parity.cached_references(tmp_path_factory, "clip", lambda case: (CASES[case], options))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -7,6 +7,7 @@ parity env without it, reference.py builds the processor's layout itself, the lo
 generation tests still run, and the processor comparison skips with that reason.
 """
 
+import functools
 import json
 import os
 
@@ -95,25 +96,26 @@ CASES = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """case -> (output dir, io.npz contents), built once per module."""
-    parity.python()  # skips the module's parity tests without torch and transformers
-    built = {}
 
+    def arguments(case: str):
+        c = CASES[case]
+        spec = dict(
+            config=dict(c["config"], text_config=c["text"]),
+            canvas=c["canvas"],
+            images=c["images"],
+            prompts=c["prompts"],
+            num_words=20,
+            max_new_tokens=c["max_new_tokens"],
+            dtype=c.get("dtype", "float32"),
+        )
+        return spec, []
+
+    out_dir = parity.cached_references(tmp_path_factory, "fuyu", arguments)
+
+    @functools.cache
     def get(case: str):
-        if case not in built:
-            c = CASES[case]
-            spec = dict(
-                config=dict(c["config"], text_config=c["text"]),
-                canvas=c["canvas"],
-                images=c["images"],
-                prompts=c["prompts"],
-                num_words=20,
-                max_new_tokens=c["max_new_tokens"],
-                dtype=c.get("dtype", "float32"),
-            )
-            out = str(tmp_path_factory.mktemp(f"reference_fuyu_{case}"))
-            parity.run_reference("fuyu", spec, out)
-            built[case] = (out, dict(np.load(os.path.join(out, "io.npz"))))
-        return built[case]
+        out = out_dir(case)
+        return out, dict(np.load(os.path.join(out, "io.npz")))
 
     return get
 

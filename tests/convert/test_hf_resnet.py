@@ -40,19 +40,13 @@ CASES = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """case name -> reference.py's output dir (model/ and io.npz), built once per module."""
-    parity.python()  # skips the module's parity tests without torch and transformers
-    built = {}
 
-    def get(case: str) -> str:
-        if case not in built:
-            fields, image_size = CASES[case]
-            spec = dict(fields, head=False) if case == "features" else dict(fields, num_labels=5)
-            out = str(tmp_path_factory.mktemp(f"reference_{case}"))
-            options = ["--image-size", str(image_size)]
-            built[case] = parity.run_reference("resnet", spec, out, *options)
-        return built[case]
+    def arguments(case: str):
+        fields, image_size = CASES[case]
+        spec = dict(fields, head=False) if case == "features" else dict(fields, num_labels=5)
+        return spec, ["--image-size", str(image_size)]
 
-    return get
+    return parity.cached_references(tmp_path_factory, "resnet", arguments)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
