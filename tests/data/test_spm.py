@@ -122,7 +122,7 @@ def test_trained_on_captions_and_cached_beside_shapes(data_dir):
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
     assert 16 < tok.vocab_size <= 64
     saved = os.path.join(
-        os.path.dirname(text._word_tokenizer_path(cfg)),
+        os.path.dirname(text._trained_tokenizer_path(cfg)),
         "sentencepiece64_tokenizer_caption.model",
     )
     assert os.path.isfile(saved) and spm.SentencePieceTokenizer.load(saved) == tok

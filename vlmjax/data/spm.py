@@ -164,10 +164,5 @@ def train(
 
 
 def save(tokenizer: SentencePieceTokenizer, path: str | os.PathLike) -> None:
-    """Writes the `.model` file (atomically: a temporary file, then a rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(tokenizer.model_proto)
-    os.replace(tmp, path)
+    """Writes the `.model` file (atomically)."""
+    tokenizer_lib.write_atomically(path, tokenizer.model_proto)

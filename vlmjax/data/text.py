@@ -153,7 +153,7 @@ def keep_trained_tokenizers_in(directory: str | os.PathLike) -> Iterator[None]:
         _keep_dir = previous
 
 
-def _word_tokenizer_path(
+def _trained_tokenizer_path(
     cfg: ml_collections.ConfigDict,
     fields: tuple[str, ...] = (),
     kind: str = "word",
@@ -195,7 +195,7 @@ def _load(
     texts = _train_fields(cfg, fields) if fields else _train_captions(cfg)  # lazy
     what = f"{list(fields) or 'the captions'} of {cfg.source}"
     if spec == "word":
-        path = _word_tokenizer_path(cfg, fields, keep_dir=keep_dir)
+        path = _trained_tokenizer_path(cfg, fields, keep_dir=keep_dir)
         if path is not None:
             if os.path.exists(path) and cfg.source != "shapes":
                 log.info("word tokenizer from %s (trained when the run started)", path)
@@ -204,7 +204,7 @@ def _load(
         return tokenizer_lib.WordTokenizer.train(texts)
     size = _sentencepiece_size(spec)
     if size is not None:
-        path = _word_tokenizer_path(cfg, fields, kind=f"sentencepiece{size}", keep_dir=keep_dir)
+        path = _trained_tokenizer_path(cfg, fields, kind=f"sentencepiece{size}", keep_dir=keep_dir)
         if path is not None and os.path.exists(path):
             log.info("SentencePiece model from %s", path)
             return spm.SentencePieceTokenizer.load(path)

@@ -109,6 +109,17 @@ def pack(
     return out
 
 
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file and a rename, so that a reader (or a
+    concurrent writer of the same data) never sees a partial file."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class WordTokenizer:
     """Word-level tokenizer over a fixed vocabulary whose first entries are `SPECIAL_TOKENS`."""
 
@@ -192,13 +203,8 @@ class WordTokenizer:
         return cls(data["tokens"])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the vocabulary as JSON (atomically: a temporary file, then a rename)."""
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, ensure_ascii=False, indent=0)
-        os.replace(tmp, path)
+        """Writes the vocabulary as JSON (atomically)."""
+        write_atomically(path, json.dumps(self.to_json(), ensure_ascii=False, indent=0).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WordTokenizer:
