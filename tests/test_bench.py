@@ -29,20 +29,24 @@ def test_markdown_table():
 
 
 def test_loss_bench_memory_and_timing(capsys):
-    results = bench.bench_loss((2048,), embed_dim=16, repeats=1, max_seconds=0.0)
+    results = bench.bench_loss((2048,), embed_dim=16, repeats=1, max_seconds=0.0, tile=64)
     out = capsys.readouterr().out
     assert len(results) == len(losses.KINDS) * len(losses.IMPLS)
     by = {(r["kind"], r["impl"]): r for r in results}
     for kind in losses.KINDS:
-        gathered, chunked = by[kind, "all_gather"], by[kind, "chunked"]
+        gathered, chunked, tiled = (by[kind, impl] for impl in ("all_gather", "chunked", "tiled"))
         # Each of 8 devices holds 256 rows: all_gather builds [256, 2048] float32 logits
-        # (2 MiB; the softmax builds both directions), the ring only [256, 256] blocks.
+        # (2 MiB; the softmax builds both directions), the ring only [256, 256] blocks, the
+        # tiled ring [256, 64] tiles.
         assert gathered["temp_bytes"] >= 2 * 2**20
         assert chunked["temp_bytes"] < gathered["temp_bytes"] / 2
-        for r in (gathered, chunked):
+        assert tiled["temp_bytes"] < chunked["temp_bytes"] / 2
+        for r in (gathered, chunked, tiled):
             assert r["step_s"] > 0 and r["runs"] == 1
             assert r["total_bytes"] >= 8 * r["temp_bytes"]
-    assert out.count("| 2048 |") == 4 and "temp MiB / device" in out
+        assert f"{kind} B=2048: tiled temp = 1/" in out
+    assert out.count("| 2048 |") == 6 and "temp MiB / device" in out
+    assert out.count("x chunked's") == 2
 
 
 def test_loss_bench_skips_timing_that_would_not_fit(capsys):
@@ -52,7 +56,22 @@ def test_loss_bench_skips_timing_that_would_not_fit(capsys):
     r = bench.loss_case("sigmoid", "chunked", 1024, 8, mesh, repeats=0)  # memory only
     assert r["step_s"] is None and r["runs"] == 0 and r["fits"]
     bench.bench_loss((1024,), embed_dim=8, ram_fraction=0.0)
-    assert capsys.readouterr().out.count("not timed (would need ") == 4
+    assert capsys.readouterr().out.count("not timed (would need ") == 6
+
+
+def test_accumulation_bench(capsys):
+    """The CLIP step at k = 1, 2 (a tiny CLIP, 32 pairs): equal gradients. (At this size
+    fixed costs dominate the memory; tests/test_contrastive_accum.py checks that it falls.)"""
+    from contrastive_accum_worker import tiny_clip
+
+    model = tiny_clip("softmax")
+    results = bench.bench_accum((1, 2), 32, steps=1, model=model, image_size=16)
+    one, two = results
+    assert (one["k"], two["k"]) == (1, 2) and one["grad_diff"] == 0
+    assert two["grad_diff"] < 1e-5 and one["temp_bytes"] > 0 and two["temp_bytes"] > 0
+    assert one["step_s"] > 0 and two["step_s"] > 0
+    out = capsys.readouterr().out
+    assert "| 2 | 32 |" in out and "ViT 16 px, patch 8, width 32, 2 layers" in out
 
 
 def test_measure_peak_runs():

@@ -23,6 +23,13 @@ input dtype. Positives are on the diagonal.
   so memory stays O(b x b + b x d). This is the ring formulation of the SigLIP paper (its
   "chunked" implementation), extended to the softmax loss with an online log-sum-exp.
   On CPU devices the ring is unrolled into straight-line code (see `_ring_unrolled`).
+- `impl="tiled"`: the same ring, but each [b, b] block is itself folded in tiles of `tile`
+  columns (a `lax.fori_loop` over slices of the block's rows of the other tower), forward
+  and in the recomputing backward pass, so no tensor larger than [b, tile] is live: memory
+  O(b x tile + b x d) per device (the tiling of Inf-CL, Cheng et al. 2024). A `tile` that
+  does not divide b is allowed: the last tile is shorter (b % tile columns); a `tile` >= b
+  is one tile per block, i.e. `impl="chunked"`. Both rings apply the logit scale to each
+  tile rather than to a scaled copy of the embeddings, which saves [b, d] buffers.
 
 Metrics: `loss`, and for softmax `i2t_accuracy` / `t2i_accuracy`, the fraction of rows whose
 largest logit is the positive (in-batch retrieval), in all implementations. The chunked impl
@@ -44,7 +51,8 @@ from jax.sharding import Mesh, PartitionSpec
 from vlmjax.mesh import BATCH_AXES
 
 KINDS = ("softmax", "sigmoid")
-IMPLS = ("all_gather", "chunked")
+IMPLS = ("all_gather", "chunked", "tiled")
+DEFAULT_TILE = 512  # columns per tile of impl="tiled"
 
 
 def _check(kind: str, impl: str | None = None) -> None:
@@ -90,12 +98,16 @@ def contrastive_loss(
     impl: str,
     mesh: Mesh,
     axes: Sequence[str] = BATCH_AXES,
+    tile: int = DEFAULT_TILE,
 ):
     """The loss on global zimg, ztxt [B, d] sharded over `axes` of `mesh`; call inside jit.
 
-    `log_scale` and `bias` are replicated scalars. Returns (loss, metrics), replicated.
+    `log_scale` and `bias` are replicated scalars; `tile` (impl="tiled" only) is the number
+    of columns of each ring block processed at once. Returns (loss, metrics), replicated.
     """
     _check(kind, impl)
+    if impl == "tiled" and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"loss tile={tile!r} must be a positive int (columns per tile)")
     axes = tuple(axes)
     n = math.prod(mesh.shape[a] for a in axes)
     if zimg.shape != ztxt.shape or zimg.ndim != 2:
@@ -109,7 +121,8 @@ def contrastive_loss(
     if impl == "all_gather":
         fn = functools.partial(_local_all_gather, **options)
     else:
-        fn = functools.partial(_local_chunked, unroll=_ring_unrolled(mesh), **options)
+        tile = tile if impl == "tiled" else None  # None: the whole [b, b] block at once
+        fn = functools.partial(_local_chunked, unroll=_ring_unrolled(mesh), tile=tile, **options)
     batch, rep = PartitionSpec(axes), PartitionSpec()
     return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, rep, rep), out_specs=(rep, rep))(
         zimg, ztxt, jnp.asarray(log_scale, jnp.float32), _bias(bias)
@@ -170,8 +183,9 @@ def _ring_loop(n: int, step, init, unroll: bool):
     return carry
 
 
-def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch, unroll):
-    """Per-device body of impl="chunked"; x, y [b, d] are this device's rows.
+def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch, unroll, tile):
+    """Per-device body of impl="chunked" (tile None) and "tiled"; x, y [b, d] are this
+    device's rows.
 
     The positives are written with plain autodiff; only the all-pairs row reductions go
     through the ring (`_ring_rows`, with its own backward pass).
@@ -182,15 +196,17 @@ def _local_chunked(x, y, log_scale, bias, *, kind, axes, n, global_batch, unroll
     if kind == "sigmoid":
         # -log sigmoid(-z) = softplus(z) for every pair; the positives instead need
         # -log sigmoid(z) = softplus(z) - z, hence the correction `- (pos + bias)`.
-        rowsum, _ = _ring_rows(scale * x, y, bias, "sigmoid", axes, n, unroll)  # [b]
+        rowsum, _ = _ring_rows(x, y, scale, bias, "sigmoid", axes, n, unroll, tile)  # [b]
         loss = lax.psum(jnp.sum(rowsum - (pos + bias)), axes) / global_batch
         return loss, {"loss": loss}
     # A scalar bias cancels in the softmax loss, so it is left out of the ring.
-    ring = functools.partial(_ring_rows, c=0.0, kind="softmax", axes=axes, n=n, unroll=unroll)
-    i2t = ring(scale * x, y)
+    ring = functools.partial(
+        _ring_rows, c=0.0, kind="softmax", axes=axes, n=n, unroll=unroll, tile=tile
+    )
+    i2t = ring(x, y, scale)
     # One ring after the other, forward and (through the barrier's transpose) backward, so
-    # that a single [b, b] block is alive at a time, as with one ring.
-    i2t, t2i_args = lax.optimization_barrier((i2t, (scale * y, x)))
+    # that a single [b, b] block (or [b, tile] tile) is alive at a time, as with one ring.
+    i2t, t2i_args = lax.optimization_barrier((i2t, (y, x, scale)))
     lse_i2t, (max_i2t, diag_i2t) = i2t  # [b]
     lse_t2i, (max_t2i, diag_t2i) = ring(*t2i_args)  # [b]
     loss = lax.psum(jnp.sum(lse_i2t + lse_t2i - 2.0 * pos), axes) / (2 * global_batch)
@@ -213,81 +229,136 @@ def _shift(tree, axes, n):
     return jax.tree.map(lambda v: lax.ppermute(v, axes, perm), tree)
 
 
-def _ring_forward(a, bmat, c, kind, axes, n, unroll):
-    """Row reductions over all global columns of z = a @ B.T + c, one [b, b] block a step.
+def _fold_tiles(fn, carry, blk, tile):
+    """Folds `carry = fn(carry, cols, start)` over the column tiles cols [w, d] of blk [b, d]
+    (w = min(tile, b), start: the tile's first column; tile None: the whole block).
+
+    One tile runs as straight-line code (so impl="chunked" compiles as it always did); more
+    run as a `lax.fori_loop` that slices blk in place (no collectives inside it, so no
+    XLA:CPU ordering hazard), then the shorter last tile (b % w columns), if any.
+    """
+    b = blk.shape[0]
+    w = b if tile is None else min(tile, b)
+    t, r = divmod(b, w)
+    if t == 1:
+        carry = fn(carry, blk[:w], 0)
+    else:
+
+        def body(i, c):
+            return fn(c, lax.dynamic_slice_in_dim(blk, i * w, w), i * w)
+
+        carry = lax.fori_loop(0, t, body, carry)
+    if r:
+        carry = fn(carry, blk[t * w :], t * w)
+    return carry
+
+
+def _logits(a, cols, s, c):
+    return s * (a @ cols.T) + c  # [b, w] local rows x one tile of columns
+
+
+def _ring_forward(a, bmat, s, c, kind, axes, n, unroll, tile):
+    """Row reductions over all global columns of z = s * a @ B.T + c, one [b, b] block a
+    ring step, each block folded in column tiles of `tile` (None: the whole block at once).
 
     softmax: (logsumexp_j z_ij, (max_j z_ij, z_ii)); sigmoid: (sum_j softplus(z_ij), ()).
-    a, bmat [b, d] (bmat: this device's block of the global [B, d]); c scalar or [b].
+    a, bmat [b, d] (bmat: this device's block of the global [B, d]); s scalar; c scalar or
+    [b]. The scale s is applied to the tile, not to `a`, so no scaled copy of a is kept.
     """
+    c = jnp.reshape(c, (-1, 1))
 
-    def block(blk):
-        return a @ blk.T + jnp.reshape(c, (-1, 1))  # [b, b] local rows x one column block
-
-    z = block(bmat)
     if kind == "sigmoid":
+
+        def fold_sigmoid(acc, cols, start):
+            return acc + jnp.sum(jax.nn.softplus(_logits(a, cols, s, c)), axis=1)
 
         def step(_, carry):
             blk, acc = carry
             blk = _shift(blk, axes, n)
-            return blk, acc + jnp.sum(jax.nn.softplus(block(blk)), axis=1)
+            return blk, _fold_tiles(fold_sigmoid, acc, blk, tile)
 
-        init = (bmat, jnp.sum(jax.nn.softplus(z), axis=1))
-        _, rowsum = _ring_loop(n, step, init, unroll)
+        acc = _fold_tiles(fold_sigmoid, jnp.zeros_like(a[:, 0]), bmat, tile)
+        _, rowsum = _ring_loop(n, step, (bmat, acc), unroll)
         return rowsum, ()
 
-    def step(_, carry):  # online log-sum-exp: running max m and total of exp(z - m)
-        blk, m, total = carry
-        blk = _shift(blk, axes, n)
-        z = block(blk)
+    def fold_softmax(carry, cols, start):
+        # online log-sum-exp: running max m and total of exp(z - m), [b] each
+        m, total, diag = carry
+        z = _logits(a, cols, s, c)  # [b, w]
         m_new = jnp.maximum(m, jnp.max(z, axis=1))  # [b]
         total = total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
-        return blk, m_new, total
+        if diag is not None:  # own block: the positives z_ii of rows start .. start + w
+            w = cols.shape[0]
+            own = jnp.diagonal(lax.dynamic_slice_in_dim(z, start, w, axis=0))  # [w]
+            diag = lax.dynamic_update_slice_in_dim(diag, own, start, axis=0)
+        return m_new, total, diag
 
-    m0 = jnp.max(z, axis=1)  # [b]
-    init = (bmat, m0, jnp.sum(jnp.exp(z - m0[:, None]), axis=1))
-    _, m, total = _ring_loop(n, step, init, unroll)
+    def step(_, carry):
+        blk, m, total = carry
+        blk = _shift(blk, axes, n)
+        return blk, *_fold_tiles(fold_softmax, (m, total, None), blk, tile)[:2]
+
+    # zeros_like / full_like of this device's rows: a loop's carry must vary like them. m
+    # starts at -inf, so the first tile's exp(m - m_new) is 0 and total is its own sum.
+    zero = jnp.zeros_like(a[:, 0])
+    init = (jnp.full_like(zero, -jnp.inf), zero, zero)
+    m, total, diag = _fold_tiles(fold_softmax, init, bmat, tile)
+    _, m, total = _ring_loop(n, step, (bmat, m, total), unroll)
     # The positive z_ii comes from the same matmul as the maxima, so `z_ii >= max` is exact.
-    return m + jnp.log(total), (m, jnp.diagonal(z))
+    return m + jnp.log(total), (m, diag)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _ring_rows(a, bmat, c, kind, axes, n, unroll):
-    """`_ring_forward` with a backward pass that rotates the blocks again (O(b x b) memory).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _ring_rows(a, bmat, s, c, kind, axes, n, unroll, tile=None):
+    """`_ring_forward` with a backward pass that rotates the blocks again and recomputes
+    them tile by tile: O(b x tile) memory (O(b x b) for tile None, the whole block).
 
     Only the first output (the row reduction) is differentiable; the second is for metrics.
     """
-    return _ring_forward(a, bmat, c, kind, axes, n, unroll)
+    return _ring_forward(a, bmat, s, c, kind, axes, n, unroll, tile)
 
 
-def _ring_rows_fwd(a, bmat, c, kind, axes, n, unroll):
-    out, aux = _ring_forward(a, bmat, c, kind, axes, n, unroll)
-    return (out, aux), (a, bmat, c, out)
+def _ring_rows_fwd(a, bmat, s, c, kind, axes, n, unroll, tile):
+    out, aux = _ring_forward(a, bmat, s, c, kind, axes, n, unroll, tile)
+    return (out, aux), (a, bmat, s, c, out)
 
 
-def _ring_rows_bwd(kind, axes, n, unroll, res, cotangents):
-    a, bmat, c, out = res
+def _ring_rows_bwd(kind, axes, n, unroll, tile, res, cotangents):
+    a, bmat, s, c, out = res
     g = cotangents[0]  # [b]; the metric outputs carry no gradient
+    c_col = jnp.reshape(c, (-1, 1))
 
-    def grads(blk):
-        z = a @ blk.T + jnp.reshape(c, (-1, 1))  # [b, b] recomputed, never stored
+    def tile_grads(carry, cols, start):
+        da, dc, dblk = carry
+        z = _logits(a, cols, s, c_col)  # [b, w] recomputed, never stored
         # d softplus(z) = sigmoid(z); d logsumexp_j(z_ij) = exp(z_ij - lse_i).
         p = jax.nn.sigmoid(z) if kind == "sigmoid" else jnp.exp(z - out[:, None])
-        dz = g[:, None] * p  # [b, b]
-        return dz @ blk, dz.T @ a, jnp.sum(dz, axis=1)  # [b, d], [b, d] for blk, [b]
+        dz = g[:, None] * p  # [b, w]
+        w = cols.shape[0]
+        # dz.T @ a [w, d]: this tile's rows of the travelling block gradient, added in place
+        dcols = lax.dynamic_slice_in_dim(dblk, start, w) + s * (dz.T @ a)
+        dblk = lax.dynamic_update_slice_in_dim(dblk, dcols, start, axis=0)
+        # da accumulates the unscaled dz @ B, so that ds = sum(a * da) / s needs no [b, b]
+        return da + dz @ cols, dc + jnp.sum(dz, axis=1), dblk
 
     def step(_, carry):
         blk, dblk, da, dc = carry
         blk, dblk = _shift((blk, dblk), axes, n)  # the block's gradient travels with it
-        da_t, dblk_t, dc_t = grads(blk)
-        return blk, dblk + dblk_t, da + da_t, dc + dc_t
+        da, dc, dblk = _fold_tiles(tile_grads, (da, dc, dblk), blk, tile)
+        return blk, dblk, da, dc
 
-    da, dblk, dc = grads(bmat)
+    zeros = jnp.zeros_like(a)
+    da, dc, dblk = _fold_tiles(tile_grads, (zeros, zeros[:, 0], zeros), bmat, tile)
     _, dblk, da, dc = _ring_loop(n, step, (bmat, dblk, da, dc), unroll)
     dbmat = _shift(dblk, axes, n)  # n-th shift: each block's gradient is back home
-    # c is a replicated scalar (sigmoid bias) or a constant; its gradient sums every row of
-    # every device. Returned invariant, matching the replicated input.
+    # dz_ij / ds = (a @ B.T)_ij, so ds = sum_ij dz_ij (a_i . B_j) = sum_i a_i . da_i.
+    # s and c (a replicated scalar, the sigmoid bias, or a constant) get gradients summed
+    # over every row of every device, returned invariant like the replicated inputs.
+    ds = lax.psum(jnp.sum(a * da), axes)
     dc = lax.psum(jnp.sum(dc), axes) if jnp.ndim(c) == 0 else dc
-    return da, dbmat, jnp.asarray(dc, jnp.result_type(c)).reshape(jnp.shape(c))
+    dc = jnp.asarray(dc, jnp.result_type(c)).reshape(jnp.shape(c))
+    return s * da, dbmat, jnp.asarray(ds, jnp.result_type(s)).reshape(jnp.shape(s)), dc
 
 
 _ring_rows.defvjp(_ring_rows_fwd, _ring_rows_bwd)
+
