@@ -75,27 +75,68 @@ def test_tpu_pod_usage(tmp_path):
         assert result.returncode == 2 and "TPU_NAME ZONE" in result.stderr, bad
 
 
+def _fake_run(finish: bool) -> str:
+    """A stand-in `srun ... vlmjax train ... --workdir W`: prints its environment and
+    arguments, and leaves W as a finished (or a preempted) run leaves it."""
+    marks = """printf '{"total_steps": 6}' > "$w/config.json"\n"""
+    if finish:
+        marks += """printf '{"step": 6, "metrics": {}}' > "$w/final_metrics.json"\n"""
+    return (
+        'echo "XLA_FLAGS=$XLA_FLAGS JAX_PLATFORMS=${JAX_PLATFORMS:-}"; echo srun "$@"\n'
+        'while [ "$1" != --workdir ]; do shift; done; w=$2; mkdir -p "$w"\n' + marks
+    )
+
+
 def test_slurm_template_runs_srun_with_config_workdir_and_overrides(tmp_path):
-    path = _fake_bin(tmp_path, srun='echo "XLA_FLAGS=$XLA_FLAGS"; echo srun "$@"')
+    path = _fake_bin(tmp_path, srun=_fake_run(finish=True))
     script = os.path.join(LAUNCH, "slurm.sbatch")
-    result = _bash([script, "exp.py:tiny", "/shared/w", "--config.seed=1"], env={"PATH": path})
+    workdir = str(tmp_path / "w")
+    result = _bash([script, "exp.py:tiny", workdir, "--config.seed=1"], env={"PATH": path})
     assert result.returncode == 0, result.stderr
-    xla, srun = result.stdout.splitlines()[-2:]
+    [xla] = [line for line in result.stdout.splitlines() if line.startswith("XLA_FLAGS=")]
+    [srun] = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in xla
     assert srun == (
-        "srun --kill-on-bad-exit=1 vlmjax train --config exp.py:tiny --workdir /shared/w "
+        f"srun --kill-on-bad-exit=1 vlmjax train --config exp.py:tiny --workdir {workdir} "
         "--config.seed=1"
     )
+    assert result.stdout.splitlines()[-1].endswith(" finished")
     # Config and workdir from the environment, overrides still from the command line.
-    env = {"PATH": path, "VLMJAX_CONFIG": "e.py", "VLMJAX_WORKDIR": "/w"}
+    env = {"PATH": path, "VLMJAX_CONFIG": "e.py", "VLMJAX_WORKDIR": workdir}
     result = _bash([script, "--config.seed=2"], env=env)
-    assert result.stdout.splitlines()[-1].endswith("--config e.py --workdir /w --config.seed=2")
+    [srun] = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
+    assert srun.endswith(f"--config e.py --workdir {workdir} --config.seed=2")
     assert _bash([script], env={"PATH": path}).returncode == 2
+    # Simulated CPU devices instead of GPUs.
+    result = _bash([script, "e.py", workdir], env={"PATH": path, "VLMJAX_CPU_DEVICES": "4"})
+    [xla] = [line for line in result.stdout.splitlines() if line.startswith("XLA_FLAGS=")]
+    assert "--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu" in xla
+    assert "xla_gpu" not in xla
 
     header = open(script).read().split("set -euo pipefail")[0]
     options = [line.split()[1] for line in header.splitlines() if line.startswith("#SBATCH")]
     assert "--requeue" in options and "--gpus-per-node=8" in options
     assert not any(o.startswith("--gpus-per-task") for o in options)
+
+
+@pytest.mark.parametrize("requeue", [True, False])
+def test_slurm_template_preempted_run_requeues_or_exits_143(tmp_path, requeue):
+    """A `vlmjax train` that stopped early with exit 0 (a preemption checkpoint): the script
+    requeues a job that allows it, and exits 143 (tests/test_slurm.py: the real thing)."""
+    scontrol = f'echo "$@" >> {tmp_path}/scontrol.log; echo "JobId=7 Requeue={int(requeue)}"'
+    path = _fake_bin(tmp_path, srun=_fake_run(finish=False), scontrol=scontrol)
+    script = os.path.join(LAUNCH, "slurm.sbatch")
+    env = {"PATH": path, "SLURM_JOB_ID": "7"}
+    result = _bash([script, "exp.py", str(tmp_path / "w")], env=env)
+    assert result.returncode == 143, result.stdout + result.stderr
+    calls = (tmp_path / "scontrol.log").read_text().splitlines()
+    assert calls == (["show job 7", "requeue 7"] if requeue else ["show job 7"])
+    assert ("requeueing job 7" in result.stdout) == requeue
+
+    # A failed run keeps its exit code and is not requeued.
+    path = _fake_bin(tmp_path, srun="exit 3", scontrol=scontrol)
+    result = _bash([script, "exp.py", str(tmp_path / "w")], env={**env, "PATH": path})
+    assert result.returncode == 3 and "failed with exit code 3" in result.stderr
 
 
 def test_jobset_gives_each_pod_its_process_identity():
