@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from vlmjax import flops
+from vlmjax import flops, mfu
 
 
 def rows_of(path: str) -> list[tuple[str, dict]]:
@@ -44,17 +44,17 @@ def main(paths: list[str]) -> None:
             kinds.add(r["device_kind"])
             with config.unlocked():
                 config.batch_size = r["batch"]
-            summary = flops.train_flops_summary(
+            summary = mfu.train_flops_summary(
                 flops.per_example(config),
                 r["examples_per_sec"],
                 r.get("devices", 1),
                 r["device_kind"],
             )
-            mfu = summary.get("train/mfu")
+            utilisation = summary.get("train/mfu")
             mem = r.get("peak_memory_bytes")
             cells = [name, r["batch"], f"{r['examples_per_sec']:.0f}", f"{1e3 * r['step_s']:.1f}"]
             cells += [f"{summary['train/tflops_per_device']:.0f}"]
-            cells += ["n/a" if mfu is None else f"{100 * mfu:.1f}%"]
+            cells += ["n/a" if utilisation is None else f"{100 * utilisation:.1f}%"]
             cells += ["n/a" if mem is None else f"{mem / 2**30:.1f}"]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     print(f"CLIP ViT-B/16 training step, random data, on {', '.join(sorted(kinds)) or '?'}")

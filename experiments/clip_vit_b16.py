@@ -11,9 +11,11 @@ Needs an image-text tfds dataset prepared in array_record format (`data.source`,
 "laion400m" with an `image` and a `caption` feature: build your own tfds builder over your
 shards; set `data.caption_key` for another field name, e.g. "captions/text" for
 coco_captions), the CLIP BPE tokenizer files (a Hugging Face CLIP folder, its
-tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz), and, for the zero-shot eval
-during training, tfds `imagenet2012`. Expected: ~67-68% ImageNet zero-shot after 32 epochs
-of LAION-400M (open_clip's reported ViT-B/16 figure).
+tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz), and, for the evaluations,
+tfds `imagenet2012` (zero-shot with CLIP's curated class names, which its WordNet-id labels
+map to, and the 80 OpenAI templates) and `coco_captions` (retrieval on the 5000 test images
+of the Karpathy split, 5 captions each). Expected: ~67-68% ImageNet zero-shot after 32
+epochs of LAION-400M (open_clip's reported ViT-B/16 figure).
 
 Variants: `:smoke` trains a tiny CLIP on the embedded `shapes` data for 3 steps (CI runs
 it); `:bench` is the model at batch 256 for `vlmjax bench train`.
@@ -45,10 +47,13 @@ def get_config(arg=None):
     c.data.eval_crop_fraction = 1.0  # CLIP's eval: resize the short side, centre crop
     c.data.num_threads = 32
     c.data.tokenizer = "~/clip-vit-base-patch16"  # a HF CLIP folder (or BPE vocab file)
-    c.data.eval_source = "imagenet2012"
-    c.data.eval_split = "validation"
-    c.data.eval_caption_key = ""  # ImageNet has labels only: zero-shot, no retrieval
-    c.data.templates = "photo"
+    c.evals.imagenet = dict(
+        type="zeroshot", source="imagenet2012", split="validation", class_names="imagenet1k",
+        templates="openai_imagenet",
+    )  # fmt: skip
+    c.evals.coco = dict(
+        type="retrieval", source="coco_captions", split="test", caption_key="captions/text"
+    )
 
     c.loss.kind = "softmax"
     c.loss.impl = "all_gather"
@@ -83,7 +88,6 @@ def get_config(arg=None):
         c.dtype = "float32"
         c.data.augment = ""
         c.data.tokenizer = "word"
-        c.data.eval_source, c.data.eval_caption_key = "", ""
         c.data.templates = "shapes"
         c.model.embed_dim = 16
         c.model.vision = dict(

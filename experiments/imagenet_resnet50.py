@@ -30,12 +30,12 @@ def get_config(arg=None):
 
     c.data.source = "imagenet2012"
     c.data.train_split = "train"
-    c.data.eval_split = "validation"
     c.data.image_size = 224
     c.data.augment = "random_resized_crop,flip"
     c.data.eval_crop_fraction = 0.875
     c.data.num_threads = 16
     c.loss.label_smoothing = 0.1
+    c.evals.validation = dict(type="classification", split="validation")
 
     c.model_name = "resnet"
     c.model.num_classes = 1000

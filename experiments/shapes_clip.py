@@ -6,9 +6,12 @@ vocabulary trained on the captions) learn a joint embedding with the CLIP loss o
 global batch. Evaluation on the held-out split, where half the scenes show (kind, colour)
 pairs never seen in training:
 
-  eval/zeroshot_accuracy    the large shape's kind (6 classes, chance 1/6) from prompts
-                            "a large <colour> <kind>" averaged over the colours;
-  eval/i2t_recall@K, eval/t2i_recall@K (K = 1, 5, 10) among the held-out pairs.
+  eval/zeroshot/accuracy    the large shape's kind (6 classes, chance 1/6) from prompts
+                            "a large <colour> <kind>" averaged over the colours (+ _novel,
+                            _seen);
+  eval/retrieval/i2t_recall@K, t2i_recall@K (K = 1, 5, 10) among the held-out pairs;
+  eval/fewshot/Kshot_accuracy  linear probes of the frozen image embeddings on K = 1, 5, 10,
+                            25 train scenes per kind.
 
     vlmjax train --config experiments/shapes_clip.py --workdir /tmp/clip
 
@@ -40,6 +43,10 @@ def get_config(arg=None):
     c.data.templates = "shapes"
     # No flips (captions say "left of") and no colour shuffles (captions name colours).
     c.data.augment = ""
+
+    c.evals.zeroshot = dict(type="zeroshot", split="heldout", templates="shapes")
+    c.evals.retrieval = dict(type="retrieval", split="heldout")
+    c.evals.fewshot = dict(type="fewshot", split="heldout", train_split="train")
 
     c.loss.kind = "softmax"
     c.loss.impl = "all_gather"

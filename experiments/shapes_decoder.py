@@ -8,9 +8,10 @@ loss is next-token prediction on the target text. 64 examples per step are packe
 row, into 34 rows of 64 tokens. Evaluation on the held-out split, where half the scenes
 show (kind, colour) pairs never seen in training:
 
-  eval/vqa_accuracy           exact match of the greedy answer (+ _novel, _seen), against
-  eval/vqa_majority_baseline  always answering the most frequent train answer;
-  eval/caption_token_accuracy, eval/caption_perplexity   teacher-forced, on the captions.
+  eval/vqa/exact_match         the greedy answer equals the held-out answer after VQAv2
+                               normalisation (+ _novel, _seen), against
+  eval/vqa/majority_baseline   always answering the most frequent train answer;
+  eval/caption/token_accuracy, eval/caption/perplexity   teacher-forced, on the captions.
 
     vlmjax train --config experiments/shapes_decoder.py --workdir /tmp/decoder
     vlmjax generate --workdir /tmp/decoder --image picture.png --prompt "what colour is the circle?"
@@ -33,7 +34,6 @@ def get_config(arg=None):
     c.task = "captioning"
     c.batch_size = 64  # examples per step (packed into data.pack_rows rows)
     c.eval_batch_size = 500
-    c.eval_max_new_tokens = 4  # answers are at most 2 words, then EOS
     c.total_steps = 2500
     c.log_every = 50
     c.eval_every = c.checkpoint_every = 1250
@@ -48,6 +48,9 @@ def get_config(arg=None):
     c.data.pack_rows = 34
     c.data.caption_fraction = 0.3
     c.data.max_image_size = 0  # 0: keep sizes (jsonl data: e.g. 64 caps images at 64x64)
+    # Answers are at most 2 words, then EOS.
+    c.evals.vqa = dict(type="vqa", split="heldout", max_new_tokens=4, baseline_split="train")
+    c.evals.caption = dict(type="captioning", split="heldout", prompt_key="", target_key="caption")
 
     c.model_name = "fuyu"
     c.model = dict(

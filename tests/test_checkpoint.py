@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _setup(mesh):
     config = config_lib.load(os.path.join(ROOT, "experiments", "shapes_vit.py") + ":tiny")
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        return train.setup(config, tasks.get(config.task), mesh)
+        return train.setup(config, tasks.build(config), mesh)
 
 
 def _save(workdir, mesh):

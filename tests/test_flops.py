@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import pytest
 
 from vlmjax import config as config_lib
-from vlmjax import flops, losses
-from vlmjax.models import clip, convnets, text, vit
+from vlmjax import flops, losses, mfu
+from vlmjax.models import clip, convnets, fuyu, text, vit
 
 TRANSFORMER_TOLERANCE = 0.03
 CONVNET_TOLERANCE = 0.05
@@ -102,6 +102,46 @@ def test_clip_matches_xla_with_its_loss():
     analytic = flops.clip_forward(model, 32, global_batch=2)
     assert_close(fwd, analytic, TRANSFORMER_TOLERANCE)
     assert_close(train, 3 * analytic - flops.dense(64, 48, 128), TRANSFORMER_TOLERANCE)
+
+
+def test_clip_with_a_resnet_tower_matches_xla():
+    """shapes_clip.py:resnet's tower: the formula counts the ResNet, not a ViT."""
+    model = clip.CLIP(
+        embed_dim=64, image_model="resnet", vision=dict(SHAPES_RESNET),
+        text=dict(vocab_size=100, context_length=32, **SMALL),
+    )  # fmt: skip
+
+    def loss(out):
+        return losses.contrastive_loss_reference(
+            out["zimg"], out["ztxt"], out["log_scale"], kind="softmax"
+        )[0]
+
+    fwd, _ = forward_and_train_flops(model, (IMAGES, TOKENS), loss=loss, mutable=("batch_stats",))
+    analytic = flops.clip_forward(model, 32, global_batch=2)
+    tower = convnets.ResNet(**SHAPES_RESNET, num_classes=0)
+    assert analytic > flops.resnet_forward(tower, 32) > 0
+    assert flops.resnet_features(tower) == 128
+    assert_close(
+        fwd,
+        flops.clip_forward(model, 32, 2)
+        - flops.resnet_forward(tower, 32)
+        + flops.resnet_forward(tower, 32, count_padding=False),
+        CONVNET_TOLERANCE,
+    )
+
+
+def test_fuyu_decoder_matches_xla():
+    model = fuyu.FuyuDecoder(
+        vocab_size=64, width=128, depth=2, mlp_dim=512, num_heads=4, patch_size=8
+    )
+    length = 48
+    inputs = (
+        jax.ShapeDtypeStruct((2, length), jnp.int32),
+        jax.ShapeDtypeStruct((2, length, 8 * 8 * 3), jnp.float32),
+        jax.ShapeDtypeStruct((2, length), jnp.bool_),
+    )
+    fwd, _ = forward_and_train_flops(model, inputs)
+    assert_close(fwd, flops.fuyu_forward(model, length), TRANSFORMER_TOLERANCE)
 
 
 # experiments/shapes_resnet.py's network: basic blocks, 3x3 stride-1 stem, no max-pool.
@@ -185,15 +225,15 @@ def test_per_example_from_an_experiment_config():
 
 
 def test_train_flops_summary_and_peaks():
-    summary = flops.train_flops_summary(1e11, 2000.0, 2, "NVIDIA H100 80GB HBM3", 800.0)
+    summary = mfu.train_flops_summary(1e11, 2000.0, 2, "NVIDIA H100 80GB HBM3", 800.0)
     assert summary["train/tflops_per_device"] == pytest.approx(100.0)
     assert summary["train/mfu"] == pytest.approx(100.0 / 989.0)
     assert summary["train/mfu_measured"] == pytest.approx(0.125)
-    assert set(flops.train_flops_summary(1e11, 2000.0, 2, "cpu")) == {"train/tflops_per_device"}
-    assert flops.peak_tflops("NVIDIA H200") == 989.0
-    assert flops.peak_tflops("TPU v5 lite") == 197.0
-    assert flops.peak_tflops("cpu") is None
-    assert all(v > 0 for v in flops.PEAK_BF16_TFLOPS.values())
+    assert set(mfu.train_flops_summary(1e11, 2000.0, 2, "cpu")) == {"train/tflops_per_device"}
+    assert mfu.peak_tflops("NVIDIA H200") == 989.0
+    assert mfu.peak_tflops("TPU v5 lite") == 197.0
+    assert mfu.peak_tflops("cpu") is None
+    assert all(v > 0 for v in mfu.PEAK_BF16_TFLOPS.values())
 
 
 def test_conv_padding_taps():

@@ -46,7 +46,7 @@ def _losses(workdir):
 def _params(workdir, config, mesh_shape, step=None):
     mesh = mesh_lib.make_mesh(*mesh_shape)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        run = train.setup(config, tasks.get(config.task), mesh)
+        run = train.setup(config, tasks.build(config), mesh)
         mngr = checkpoint.manager(workdir)
         state = checkpoint.restore(mngr, checkpoint.abstract(run.abstract, run.shardings), step)
         mngr.close()
@@ -73,7 +73,9 @@ def test_two_processes_equal_one(two_process_run, tiny_config, tmp_path):
     metrics = train.train(config, one)
     with open(os.path.join(two_process_run, train.FINAL_METRICS)) as f:
         two_metrics = json.load(f)["metrics"]
-    assert two_metrics["eval/accuracy"] == pytest.approx(metrics["eval/accuracy"], abs=1e-6)
+    assert two_metrics["eval/heldout/accuracy"] == pytest.approx(
+        metrics["eval/heldout/accuracy"], abs=1e-6
+    )
     one_losses, two_losses = _losses(one), _losses(two_process_run)
     assert sorted(two_losses) == list(range(1, 7))
     np.testing.assert_allclose(
@@ -106,3 +108,48 @@ def test_restore_two_process_checkpoint_on_one_process_and_another_mesh(
         [resumed_losses[s] for s in (7, 8, 9)], [straight_losses[s] for s in (7, 8, 9)], rtol=1e-5
     )
     _assert_close(_params(resumed, config, (8, 1, 1)), _params(straight, config, (8, 1, 1)))
+
+
+EVAL_OVERRIDES = {
+    "total_steps": 2,
+    "log_every": 1,
+    "eval_every": 0,
+    "checkpoint_every": 2,
+    "eval_batch_size": 13,  # divides neither the 8 devices nor the splits
+    "optimizer.warmup_steps": 1,
+}
+
+
+def _eval_two_processes(workdir: str, step: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PORT")}
+    env.update(JAX_PLATFORMS="cpu", VLMJAX_CPU_DEVICES="4")
+    cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "--"]
+    cmd += [sys.executable, "-m", "vlmjax.cli", "eval", "--workdir", workdir]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(os.path.join(workdir, f"eval_{step}.json")) as f:
+        return json.load(f)["metrics"]
+
+
+@pytest.mark.parametrize(
+    "name, evals",
+    [
+        ("shapes_clip.py:tiny", {"evals.fewshot.shots": (1, 3), "evals.zeroshot.max_examples": 40,
+                                 "evals.retrieval.max_examples": 40,
+                                 "evals.fewshot.max_examples": 40}),
+        ("shapes_decoder.py:tiny", {"evals.vqa.max_examples": 30, "evals.caption.max_examples": 30,
+                                    "evals.vqa.max_new_tokens": 2}),
+    ],
+)  # fmt: skip
+def test_two_process_eval_equals_one(data_dir, tmp_path, name, evals):
+    """`vlmjax eval` on 2 processes x 4 devices gives the numbers one process with 8 devices
+    gave at the end of training, for every evaluator of the CLIP and decoder recipes."""
+    from conftest import experiment
+
+    config = experiment(name, data_dir, {**EVAL_OVERRIDES, **evals})
+    workdir = str(tmp_path / "run")
+    one = train.train(config, workdir)
+    two = _eval_two_processes(workdir, 2)
+    assert set(two) == set(one) and len(one) >= 5
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key

@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory, data_dir):
 def test_eval_command_reproduces_final_metrics_and_reads_any_kept_step(finished_run, capsys):
     workdir, metrics = finished_run
     assert cli.main(["eval", "--workdir", workdir]) == 0
-    assert capsys.readouterr().out.startswith("step 4 (heldout): eval/accuracy=")
+    assert capsys.readouterr().out.startswith("step 4: eval/heldout/accuracy=")
     with open(os.path.join(workdir, "eval_4.json")) as f:
         assert json.load(f)["metrics"] == pytest.approx(metrics, abs=1e-6)
     # Another kept step, on another mesh than the run's.
@@ -45,7 +45,7 @@ def test_eval_command_reproduces_final_metrics_and_reads_any_kept_step(finished_
 def _fresh(config):
     mesh = mesh_lib.make_mesh(-1, 1, 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        run = train.setup(config, tasks.get(config.task), mesh)
+        run = train.setup(config, tasks.build(config), mesh)
         return run, run.init_fn(jax.random.PRNGKey(config.seed + 1))
 
 

@@ -31,7 +31,7 @@ FAST = [
     "--config.optimizer.warmup_steps=0",
     "--config.batch_size=16",
     "--config.eval_batch_size=64",
-    "--config.data.eval_max_examples=64",
+    "--config.evals.heldout.max_examples=64",
     "--config.model.width=32",
     "--config.model.mlp_dim=32",
     "--config.model.depth=1",
@@ -206,7 +206,7 @@ def test_slurm_writes_a_job_array_of_the_unfinished_points(tmp_path, monkeypatch
     # Mark the second point finished: it leaves the array and shows in the report.
     os.makedirs(runs[1].workdir)
     with open(os.path.join(runs[1].workdir, sweep.FINAL_METRICS), "w") as f:
-        json.dump({"step": runs[1].total_steps, "metrics": {"eval/accuracy": 0.75}}, f)
+        json.dump({"step": runs[1].total_steps, "metrics": {"eval/heldout/accuracy": 0.75}}, f)
 
     argv = ["--config", VIT + ":tiny", "--workdir", str(root), "--launcher", "slurm"]
     assert _main(argv + ["--sbatch_args", "-p gpu --time=1:00:00"]) == 0
@@ -222,8 +222,8 @@ def test_slurm_writes_a_job_array_of_the_unfinished_points(tmp_path, monkeypatch
     with open(root / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["status"] for row in rows] == ["pending", "finished", "pending", "pending"]
-    assert rows[1]["eval/accuracy"] == "0.75" and rows[1]["model.depth"] == "4"
-    assert (root / "sweep_eval_accuracy.png").exists()
+    assert rows[1]["eval/heldout/accuracy"] == "0.75" and rows[1]["model.depth"] == "4"
+    assert (root / "sweep_eval_heldout_accuracy.png").exists()
 
     # Task i runs line i+1: swap in harmless commands and run the script as task 1 would.
     (root / "sweep_points.txt").write_text("echo point-0\necho 'point 1'\necho point-2\n")
@@ -260,9 +260,10 @@ def test_local_sweep_runs_reports_and_then_skips(tmp_path, data_dir, monkeypatch
     }
     for row in rows:
         assert row["status"] == "finished"
-        assert 0.0 <= float(row["eval/accuracy"]) <= 1.0 and float(row["eval/loss"]) > 0.0
+        assert 0.0 <= float(row["eval/heldout/accuracy"]) <= 1.0
+        assert float(row["eval/heldout/loss"]) > 0.0
         assert os.path.exists(root / row["name"] / "checkpoints")
-    with Image.open(root / "sweep_eval_accuracy.png") as image:
+    with Image.open(root / "sweep_eval_heldout_accuracy.png") as image:
         assert image.format == "PNG" and image.size[0] > image.size[1]
         image.verify()
 

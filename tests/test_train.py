@@ -45,7 +45,7 @@ def _batches(n, batch_size, size=32, seed=0):
 def _run_steps(config, mesh, batches):
     """Init on `mesh`, run the jitted step over `batches`; returns (host params, losses)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        run = train.setup(config, tasks.get(config.task), mesh)
+        run = train.setup(config, tasks.build(config), mesh)
         state = run.init_fn(jax.random.PRNGKey(config.seed))
         losses = []
         for host_batch in batches:
@@ -104,7 +104,7 @@ def test_config_errors_before_compiling(tiny_config, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="did you mean 'width'"):
         with config_lib.load(os.path.join(ROOT, "experiments", "shapes_vit.py")).unlocked() as c:
             c.model.widht = 3
-            tasks.get("classification").build_model(c)
+            tasks.build(c)
 
 
 def _metrics(workdir):
@@ -118,7 +118,7 @@ def _final_params(workdir, config):
     mngr = checkpoint.manager(workdir)
     mesh = mesh_lib.make_mesh(-1, 1, 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        run = train.setup(config, tasks.get(config.task), mesh)
+        run = train.setup(config, tasks.build(config), mesh)
         state = checkpoint.restore(mngr, checkpoint.abstract(run.abstract, run.shardings))
     mngr.close()
     return int(state.step), jax.device_get(state.params)
@@ -163,14 +163,14 @@ def test_cli_run_learns_and_writes_its_workdir(tmp_path, capsys, data_dir):
     args = ["train", "--config", config, "--workdir", workdir]
     args += [f"--config.data.data_dir={data_dir}"]
     assert cli.main(args) == 0
-    assert "final (heldout): eval/accuracy=" in capsys.readouterr().out
+    assert "final: eval/heldout/accuracy=" in capsys.readouterr().out
     records = _metrics(workdir)
     losses = [m["train/loss"] for m in records if "train/loss" in m]
-    evals = [m for m in records if "eval/accuracy" in m]
+    evals = [m for m in records if "eval/heldout/accuracy" in m]
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
     assert [m["step"] for m in evals] == [250, 500]
-    assert evals[-1]["eval/accuracy"] > 0.3
-    assert evals[-1]["eval/loss"] < 1.6  # ln(6) = 1.79 at chance
+    assert evals[-1]["eval/heldout/accuracy"] > 0.3
+    assert evals[-1]["eval/heldout/loss"] < 1.6  # ln(6) = 1.79 at chance
     for key in ("train/learning_rate", "train/examples_per_sec", "train/grad_norm"):
         assert key in records[0]
     assert os.path.exists(os.path.join(workdir, "config.json"))

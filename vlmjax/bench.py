@@ -36,7 +36,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from vlmjax import config as config_lib
-from vlmjax import contrastive_accum, defaults, flops, losses, tasks, train
+from vlmjax import contrastive_accum, defaults, flops, losses, mfu, tasks, train
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import pipeline, sources
 from vlmjax.models import clip
@@ -351,13 +351,6 @@ def peak_memory_bytes() -> int | None:
     return max(peaks) if peaks else None
 
 
-def fake_batch(task, config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
-    """The task's `fake_batch(config, batch_size)`: random host arrays shaped like a batch."""
-    if not hasattr(task, "fake_batch"):
-        raise NotImplementedError(f"task '{config.task}' has no fake_batch(config, batch_size)")
-    return task.fake_batch(config, batch_size)
-
-
 def bench_train(
     config: ml_collections.ConfigDict,
     *,
@@ -378,10 +371,10 @@ def bench_train(
     mesh_lib.batch_size_per_process(config.batch_size, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
         sources.prepare(config.data)  # a model may depend on the data (vocabulary, classes)
-        task = tasks.get(config.task)
+        task = tasks.build(config)
         run = train.setup(config, task, mesh)
         state = run.init_fn(jax.random.PRNGKey(config.seed))
-        host = fake_batch(task, config, config.batch_size // jax.process_count())
+        host = task.fake_batch(config.batch_size // jax.process_count())
         batch = pipeline.to_global(host, run.batch_sharding)
         start = time.perf_counter()
         step = run.train_step.lower(state, batch).compile()
@@ -395,13 +388,11 @@ def bench_train(
         jax.block_until_ready((state, metrics))
         step_s = (time.perf_counter() - start) / steps
     kind = jax.devices()[0].device_kind
-    try:
-        per_example = flops.per_example(config, run.model)
-        summary = flops.train_flops_summary(
+    per_example, summary = task.flops_per_example, {}
+    if per_example:  # else a model without a FLOPs formula: throughput and memory only
+        summary = mfu.train_flops_summary(
             per_example, config.batch_size / step_s, mesh.size, kind, measured_peak_tflops
         )
-    except ValueError:  # a model without a FLOPs formula: throughput and memory only
-        per_example, summary = None, {}
     return dict(
         batch=config.batch_size,
         steps=steps,
@@ -428,7 +419,7 @@ def train_table(results: Sequence[dict[str, Any]], measured_peak: float | None) 
     def num(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4g}"
 
-    peak = flops.peak_tflops(results[0]["device_kind"])
+    peak = mfu.peak_tflops(results[0]["device_kind"])
     headers = ["batch", "img/s", "step ms", "GFLOP/example", "TFLOP/s/device"]
     headers += [f"MFU (peak {peak or 'unknown'})"]
     headers += [f"MFU (measured {measured_peak:.0f})"] if measured_peak else []
@@ -470,9 +461,9 @@ def compile_time(config: ml_collections.ConfigDict) -> tuple[float, float]:
     jax.clear_caches()
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        task = tasks.get(config.task)
+        task = tasks.build(config)
         run = train.setup(config, task, mesh)
-        host = fake_batch(task, config, config.batch_size)
+        host = task.fake_batch(config.batch_size)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
         start = time.perf_counter()
         lowered = run.train_step.lower(run.abstract, batch)
@@ -527,12 +518,11 @@ def bench_compile(
 def bench_data(
     config: ml_collections.ConfigDict, batches: int = 100, warmup: int = 2
 ) -> dict[str, Any]:
-    """Examples per second of the task's `train_dataset(config, 0, 1)` (host batches only,
+    """Examples per second of the task's `train_dataset(0, 1)` (host batches only,
     no device transfer), over `batches` batches after `warmup`. Measure many: the first
     `data.prefetch` batches may already sit in grain's read-ahead buffer."""
     sources.prepare(config.data)
-    task = tasks.get(config.task)
-    it = iter(task.train_dataset(config, 0, 1))
+    it = iter(tasks.build(config).train_dataset(0, 1, 0))
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """`vlmjax <command>`: the command-line entry point.
 
     vlmjax train --config experiments/NAME.py[:arg] --workdir DIR [--config.key=value ...]
-    vlmjax eval --workdir DIR [--step N] [--config.key=value ...]
+    vlmjax eval --workdir DIR [--step N] [--evals FILE.py[:arg]] [--config.key=value ...]
     vlmjax sweep --config experiments/NAME.py[:arg] --workdir ROOT [--launcher slurm] [--dry_run]
     vlmjax bench loss|train|compile|data|flops|peak [...]   (see vlmjax/bench.py)
     vlmjax generate --workdir DIR --image PATH --prompt TEXT [--max_new_tokens N]
@@ -23,6 +23,8 @@ from vlmjax import config as config_lib
 from vlmjax import sweep
 
 log = logging.getLogger("vlmjax")
+
+PREEMPTED = 143  # exit status of a run stopped by SIGTERM with a checkpoint (128 + SIGTERM)
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a kept checkpoint of a workdir")
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--step", type=int, help="a kept step (default: the latest)")
+    evaluate.add_argument(
+        "--evals",
+        help="FILE.py[:arg] whose get_config(arg) returns evaluators (config.evals) to run "
+        "instead of the run's own, e.g. on sets it was not trained with",
+    )
     _add_cluster_flags(evaluate)
     sweep.add_parser(commands)
     # Listed for --help only: main() hands `vlmjax bench ...` to vlmjax/bench.py's parser.
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.load_with_overrides(args.config, overrides)
         else:
             config = config_lib.load_workdir(args.workdir)
+            if args.evals:
+                config_lib.replace_evals(config, args.evals)
             for key, value in overrides:
                 config_lib.override(config, key, value)
     except config_lib.ConfigError as e:
@@ -123,16 +132,28 @@ def main(argv: list[str] | None = None) -> int:
     from vlmjax import checkpoint, mesh, train
 
     try:
+        # The mesh must fit the processes the scheduler started (names both the mesh.* keys
+        # and the SLURM_* values it read) before anything compiles.
+        distributed.check_mesh(
+            cluster,
+            config.mesh.data,
+            config.mesh.fsdp,
+            config.mesh.tensor,
+            jax.local_device_count(),
+        )
         if args.command == "train":
             metrics = train.train(config, args.workdir)
             if jax.process_index() == 0 and metrics:
-                print(f"final ({config.data.eval_split}): {_summary(metrics)}")
+                print(f"final: {_summary(metrics)}")
         else:
             step, metrics = train.evaluate_checkpoint(config, args.workdir, args.step)
             if jax.process_index() == 0:
-                print(f"step {step} ({config.data.eval_split}): {_summary(metrics)}")
+                print(f"step {step}: {_summary(metrics)}")
                 with open(os.path.join(args.workdir, f"eval_{step}.json"), "w") as f:
                     json.dump({"step": step, "metrics": metrics}, f, indent=2)
+    except train.Preempted as e:
+        print(f"vlmjax: {e}", file=sys.stderr)
+        return PREEMPTED
     except (config_lib.ConfigError, mesh.MeshError, checkpoint.CheckpointError) as e:
         print(f"vlmjax: error: {e}", file=sys.stderr)
         return 2
@@ -161,11 +182,10 @@ def _generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         print(f"vlmjax: error: cannot read image {args.image!r}: {e}", file=sys.stderr)
         return 2
 
-    from vlmjax import checkpoint
-    from vlmjax.tasks import captioning
+    from vlmjax import checkpoint, predict
 
     try:
-        text = captioning.generate_from_workdir(
+        text = predict.generate_from_workdir(
             config,
             args.workdir,
             image,

@@ -36,7 +36,7 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
+def suggest(key: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     if not close:
@@ -108,20 +108,50 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     """Sets dotted `key` of `config` from the command-line string `text`, in place."""
     node = config
     parts = key.split(".")
+    if _is_new_evaluator_key(config, parts):
+        # An evaluator's keys are checked by its type (vlmjax/evaluators), not by the file
+        # that listed only some of them: --config.evals.zeroshot.max_examples=64 adds one.
+        with config.unlocked():
+            config.evals[parts[1]][parts[2]] = _parse_value(text, None)
+        return
     for i, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ConfigError(f"unknown config key '{key}': {_suggest(key, flat_keys(config))}")
+            raise ConfigError(f"unknown config key '{key}': {suggest(key, flat_keys(config))}")
         if i < len(parts) - 1:
             node = node[part]
     current = node[parts[-1]]
     if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"'{key}' is a group; set one of its keys, e.g. '{key}.<name>'")
+        # A whole group may be replaced by a dict literal, e.g. --config.evals="{'inet': {...}}".
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"'{key}' is a group; set one of its keys ('{key}.<name>'), or replace it "
+                "whole with a dict literal"
+            )
+        with config.unlocked():
+            node[parts[-1]] = ml_collections.ConfigDict(value)
+        return
     try:
         value = _parse_value(text, current)
     except ConfigError as e:
         raise ConfigError(f"--config.{key}: {e}") from None
     with config.unlocked():
         node[parts[-1]] = value
+
+
+def _is_new_evaluator_key(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
+    """evals.NAME.KEY where evaluator NAME exists and has no KEY yet."""
+    return (
+        len(parts) == 3
+        and parts[0] == "evals"
+        and "evals" in config
+        and parts[1] in config.evals
+        and isinstance(config.evals[parts[1]], ml_collections.ConfigDict)
+        and parts[2] not in config.evals[parts[1]]
+    )
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -180,6 +210,23 @@ def module_kwargs(cls: type, values: Mapping[str, Any], where: str) -> dict[str,
     for key in kwargs:
         if key not in fields:
             raise ConfigError(
-                f"unknown key '{where}.{key}' for {cls.__name__}: " + _suggest(key, sorted(fields))
+                f"unknown key '{where}.{key}' for {cls.__name__}: " + suggest(key, sorted(fields))
             )
     return kwargs
+
+
+def replace_evals(config: ml_collections.ConfigDict, spec: str) -> None:
+    """Replaces `config.evals` (in place) with the evaluators of an eval-only file
+    `path.py[:arg]`, whose `get_config(arg)` returns a ConfigDict of evaluators (or a config
+    with an `evals` field)."""
+    module, path, arg = load_module(spec)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config(arg=None) function")
+    takes_arg = bool(inspect.signature(module.get_config).parameters)
+    evals = module.get_config(arg or None) if takes_arg else module.get_config()
+    if isinstance(evals, ml_collections.ConfigDict) and "evals" in evals:
+        evals = evals.evals
+    if not isinstance(evals, ml_collections.ConfigDict | dict) or not evals:
+        raise ConfigError(f"{path}:get_config must return a non-empty ConfigDict of evaluators")
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict(dict(evals))

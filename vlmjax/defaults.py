@@ -13,10 +13,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.task = "classification"
     c.seed = 0
     c.batch_size = 128  # global, over all processes and devices
-    c.eval_batch_size = 256
+    c.eval_batch_size = 256  # the evaluators' default batch (any size: padded and masked)
     c.total_steps = 1000
     c.log_every = 50
-    c.eval_every = 500  # 0: only at the end
+    c.eval_every = 500  # the evaluators' default schedule; 0: only at the end
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.dtype = "float32"  # compute dtype; params stay float32
@@ -34,8 +34,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "shapes"  # "shapes" (embedded), "jsonl:PATH", or a prepared tfds name
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.train_split = "train"
-    c.data.eval_split = "heldout"
-    c.data.eval_max_examples = 0  # 0: the whole split
     c.data.image_size = 32
     c.data.image_key = "image"
     c.data.label_key = "label"
@@ -51,10 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.caption_key = "caption"
     c.data.tokenizer = "word"
     c.data.templates = "photo"
-    # Evaluate on another source than the training one (e.g. zero-shot ImageNet while
-    # training on image-text pairs): its name, and its text field ("" = label prompts).
-    c.data.eval_source = ""
-    c.data.eval_caption_key = ""
+
+    # Named evaluators, each with its type, data and schedule (see vlmjax/evaluators/):
+    # c.evals.heldout = dict(type="classification", split="heldout").
+    c.evals = ml_collections.ConfigDict()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # classification
@@ -76,19 +74,31 @@ def smoke_on_shapes(
     num_heldout: int = 256,
 ) -> None:
     """Turns a full-size recipe into a 3-step run on the embedded data, in place: what CI
-    runs for recipes whose dataset (e.g. ImageNet) is not on the machine."""
+    runs for recipes whose dataset (e.g. ImageNet) is not on the machine. Its evaluators
+    keep their types and read the first 64 held-out `shapes` examples instead."""
     c.batch_size, c.eval_batch_size = 16, 32
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 3, 1, 3, 3
     c.data.source = "shapes"
-    c.data.train_split, c.data.eval_split = "train", "heldout"
+    c.data.train_split = "train"
     c.data.image_size = image_size
     c.data.num_train, c.data.num_heldout = num_train, num_heldout
-    c.data.eval_max_examples = 64
     c.data.eval_crop_fraction = 1.0
     c.data.num_threads = 2
     if c.task == "classification":
         c.model.num_classes = 6
     c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
+    shapes_keys = ("type", "every", "templates", "shots", "train_split", "max_new_tokens")
+    evals = {
+        name: {k: v for k, v in ev.items() if k in shapes_keys}
+        for name, ev in c.evals.to_dict().items()
+    }
+    for ev in evals.values():
+        ev.update(split="heldout", max_examples=64, every=0)
+        if ev["type"] == "zeroshot":
+            ev["templates"] = "shapes"
+        if ev["type"] == "fewshot":
+            ev["shots"] = (1, 2)
+    c.evals = ml_collections.ConfigDict(evals)
 
 
 def shapes_classification(total_steps: int, eval_every: int) -> ml_collections.ConfigDict:
@@ -103,6 +113,7 @@ def shapes_classification(total_steps: int, eval_every: int) -> ml_collections.C
     c.eval_every = c.checkpoint_every = eval_every
     c.data.source = "shapes"
     c.data.image_size = 32
+    c.evals.heldout = dict(type="classification", split="heldout")
     # The label is the shape's kind; shuffling RGB makes the classifier colour-blind, so the
     # (kind, colour) pairs held out of `train` are no harder than the seen ones.
     c.data.augment = "flip,channel_shuffle"

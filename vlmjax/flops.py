@@ -33,37 +33,9 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
-from vlmjax.models import clip, convnets, text, vit
+from vlmjax.models import clip, convnets, fuyu, text, vit
 
 TRAIN_FACTOR = 3  # forward + backward (two products per forward product)
-
-# Datasheet dense (no sparsity) bf16 tensor throughput in TFLOP/s, keyed by
-# `jax.devices()[0].device_kind`. GPU kinds are the CUDA device names (what nvidia-smi and
-# torch.cuda.get_device_name print; the lent H200 reports "NVIDIA H200"). TPU kinds as jax
-# reports them: Pallas's chip table maps "TPU v5 lite" to v5e, "TPU v5" to v5p and
-# "TPU v6 lite" to v6e; the marketing names are kept as aliases.
-PEAK_BF16_TFLOPS: dict[str, float] = {
-    "NVIDIA H100 80GB HBM3": 989.0,  # H100 SXM
-    "NVIDIA H100 PCIe": 756.0,
-    "NVIDIA H200": 989.0,  # H200 SXM (the lent kind reports this name)
-    "NVIDIA A100-SXM4-80GB": 312.0,
-    "NVIDIA A100-SXM4-40GB": 312.0,
-    "NVIDIA A100 80GB PCIe": 312.0,
-    "NVIDIA A100-PCIE-40GB": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,  # v5e
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,  # v5p reports "TPU v5"
-    "TPU v6 lite": 918.0,  # v6e (Trillium)
-    "TPU v6e": 918.0,
-}
-
-
-def peak_tflops(device_kind: str) -> float | None:
-    """Dense bf16 peak TFLOP/s of one device of `device_kind`, or None when unknown."""
-    return PEAK_BF16_TFLOPS.get(device_kind)
-
 
 # --- building blocks: forward FLOPs of one example ---------------------------------------------
 
@@ -125,23 +97,44 @@ def text_forward(model: text.TextTransformer, length: int | None = None) -> floa
     return model.depth * transformer_layer(length, model.width, model.mlp_dim)
 
 
-def clip_towers(model: clip.CLIP) -> tuple[vit.ViT, text.TextTransformer]:
+def clip_towers(model: clip.CLIP) -> tuple[vit.ViT | convnets.ResNet, text.TextTransformer]:
     """The two towers as `clip.CLIP.setup` builds them (same merge of defaults)."""
-    image_tower = vit.ViT(**{**clip.VISION_DEFAULTS, **(model.vision or {}), "num_classes": 0})
+    if model.image_model == "resnet":
+        image_tower = convnets.ResNet(**{**(model.vision or {}), "num_classes": 0})
+    else:
+        image_tower = vit.ViT(**{**clip.VISION_DEFAULTS, **(model.vision or {}), "num_classes": 0})
     return image_tower, text.TextTransformer(**(model.text or {}))
 
 
 def clip_forward(model: clip.CLIP, image_size: int, global_batch: int) -> float:
-    """Forward FLOPs of one image-text pair: both towers, both projections and this pair's
-    share of the [B, B] logits (2 * B * embed_dim)."""
+    """Forward FLOPs of one image-text pair: both towers (a ViT or a ResNet image tower),
+    both projections and this pair's share of the [B, B] logits (2 * B * embed_dim)."""
     image_tower, text_tower = clip_towers(model)
-    width_img = image_tower.hparams()["width"]
+    if isinstance(image_tower, convnets.ResNet):
+        image_flops = resnet_forward(image_tower, image_size)
+        width_img = resnet_features(image_tower)
+    else:
+        image_flops = vit_forward(image_tower, image_size)
+        width_img = image_tower.hparams()["width"]
     return (
-        vit_forward(image_tower, image_size)
+        image_flops
         + text_forward(text_tower)
         + dense(1, width_img, model.embed_dim)
         + dense(1, text_tower.width, model.embed_dim)
         + dense(1, model.embed_dim, global_batch)
+    )
+
+
+def fuyu_forward(model: fuyu.FuyuDecoder, seq_len: int) -> float:
+    """Forward FLOPs of `model` on one row of `seq_len` tokens. The patch projection runs on
+    every position (image or not: the decoder selects afterwards), attention covers the
+    whole row (packed segments are masked, not skipped), the head gives logits everywhere."""
+    hp = model.hparams()
+    width, patch_dim = hp["width"], model.patch_size**2 * model.channels
+    return (
+        dense(seq_len, patch_dim, width)
+        + hp["depth"] * transformer_layer(seq_len, width, hp["mlp_dim"])
+        + dense(seq_len, width, model.vocab_size)
     )
 
 
@@ -191,6 +184,13 @@ def resnet_forward(model: convnets.ResNet, image_size: int, count_padding: bool 
     return flops + dense(1, channels, model.num_classes)
 
 
+def resnet_features(model: convnets.ResNet) -> int:
+    """Channels of the pooled features (what a head or a CLIP projection reads)."""
+    kind, stage_sizes = model.architecture()
+    last = model.width * 2 ** (len(stage_sizes) - 1)
+    return 4 * last if kind == "bottleneck" else last
+
+
 def alexnet_forward(model: convnets.AlexNet, image_size: int, count_padding: bool = True) -> float:
     """Forward FLOPs of `model` on one image (`count_padding`: see `conv`). The adaptive pool
     is left out: a no-op at 224, and an average, not a learned product, elsewhere."""
@@ -217,6 +217,7 @@ MODELS = {
     "alexnet": convnets.AlexNet,
     "clip": clip.CLIP,
     "text": text.TextTransformer,
+    "fuyu": fuyu.FuyuDecoder,
 }
 
 
@@ -251,37 +252,16 @@ def forward_per_example(config: ml_collections.ConfigDict, model: nn.Module | No
         return resnet_forward(model, size)
     if isinstance(model, convnets.AlexNet):
         return alexnet_forward(model, size)
+    if isinstance(model, fuyu.FuyuDecoder):
+        raise ValueError(
+            "a decoder's FLOPs depend on its packing: use fuyu_forward(model, seq_len)"
+        )
     raise ValueError(f"no FLOPs formula for {type(model).__name__}")
 
 
 def per_example(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> float:
     """Training FLOPs (forward + backward) of one example: 3x `forward_per_example`."""
     return TRAIN_FACTOR * forward_per_example(config, model)
-
-
-def train_flops_summary(
-    flops_per_example: float,
-    examples_per_sec: float,
-    num_devices: int,
-    device_kind: str,
-    measured_peak_tflops: float | None = None,
-) -> dict[str, float]:
-    """Throughput metrics for the train loop's log, e.g. with
-    `flops_per_example = flops.per_example(config, run.model)` once and
-    `examples_per_sec = metrics["train/examples_per_sec"]` at each log step:
-
-    {"train/tflops_per_device": achieved TFLOP/s per device,
-     "train/mfu": that / the device's datasheet bf16 peak (absent for unknown devices),
-     "train/mfu_measured": that / `measured_peak_tflops` (when given)}.
-    """
-    tflops = flops_per_example * examples_per_sec / num_devices / 1e12
-    out = {"train/tflops_per_device": tflops}
-    peak = peak_tflops(device_kind)
-    if peak:
-        out["train/mfu"] = tflops / peak
-    if measured_peak_tflops:
-        out["train/mfu_measured"] = tflops / measured_peak_tflops
-    return out
 
 
 def clip_b16_reference() -> ml_collections.ConfigDict:

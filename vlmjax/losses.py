@@ -1,8 +1,11 @@
-"""Contrastive image-text losses over the global batch: CLIP (softmax) and SigLIP (sigmoid).
+"""Every loss of vlmjax: contrastive image-text losses over the global batch, CLIP (softmax)
+and SigLIP (sigmoid); and, at the end, softmax cross-entropy (classifiers) and the
+next-token loss (the decoder), each tested against numpy (tests/test_losses.py,
+tests/test_token_losses.py).
 
-Both take L2-normalised embeddings `zimg`, `ztxt` [B, d] and a learnable `log_scale`;
-logits are `exp(log_scale) * zimg @ ztxt.T + bias` [B, B], computed in float32 whatever the
-input dtype. Positives are on the diagonal.
+The contrastive losses take L2-normalised embeddings `zimg`, `ztxt` [B, d] and a learnable
+`log_scale`; logits are `exp(log_scale) * zimg @ ztxt.T + bias` [B, B], computed in float32
+whatever the input dtype. Positives are on the diagonal.
 
 - `kind="softmax"` (CLIP, Radford et al. 2021): mean of the image->text and text->image
   cross-entropies. A scalar `bias` shifts every logit of a row alike, so it cancels (loss
@@ -45,6 +48,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
@@ -362,3 +366,41 @@ def _ring_rows_bwd(kind, axes, n, unroll, tile, res, cotangents):
 
 _ring_rows.defvjp(_ring_rows_fwd, _ring_rows_bwd)
 
+
+# --- classification and next-token prediction ------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy in float32: logits [b, C], labels int [b] -> [b].
+
+    `smoothing` mixes the one-hot target with the uniform distribution (Szegedy et al.
+    2016): target = (1 - smoothing) * one_hot + smoothing / C."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position negative log-likelihood [b, L] float32 of `targets` [b, L] (int) under
+    `logits` [b, L, V]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def next_token_loss(
+    *, logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean NLL over the positions where `loss_mask` [b, L] is set (e.g. a decoder's target
+    text): logits [b, L, V], targets [b, L] are the next tokens, already shifted (the
+    decoder's layout shifts them within each packed segment).
+
+    Returns (loss, {"loss", "accuracy", "tokens"}); an all-zero mask gives loss 0, not NaN.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    count = mask.sum()
+    denominator = jnp.maximum(count, 1.0)
+    loss = (token_nll(logits, targets) * mask).sum() / denominator
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    accuracy = (correct * mask).sum() / denominator
+    return loss, {"loss": loss, "accuracy": accuracy, "tokens": count}

@@ -10,7 +10,7 @@ returning a list of override dicts, built with `product` and `zip_`:
         )  # 4 runs: 2 learning rates x 2 (depth, width) pairs
 
     vlmjax sweep --config experiments/NAME.py[:arg] --workdir ROOT [--launcher local|slurm]
-        [--dry_run] [--metric eval/accuracy] [--sbatch_args "..."] [--config.key=value ...]
+        [--dry_run] [--metric eval/heldout/accuracy] [--sbatch_args "..."] [--config.key=value ...]
 
 Point i trains in ROOT/<run_name(point)> with the base config, then the point's overrides,
 then the command line's `--config.key=value` (which win). Points whose workdir holds a
@@ -388,7 +388,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, help="holds one workdir per point")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, run nothing")
-    parser.add_argument("--metric", default="eval/accuracy", help="metric to plot")
+    parser.add_argument("--metric", default="eval/heldout/accuracy", help="metric to plot")
     parser.add_argument(
         "--sbatch_args", default="", help='extra sbatch options: --sbatch_args="-p gpu --gpus=1"'
     )

@@ -1,7 +1,8 @@
 """The one training loop. It reads top to bottom as the recipe: mesh, data, model and
 optimizer, shardings, init or resume, jitted step, then the loop with logging, evaluation and
-checkpoints. It knows nothing about any particular model: the task module supplies the model,
-the loss, the datasets and the evaluation sums (see `vlmjax/tasks/__init__.py`).
+checkpoints. It knows nothing about any particular model: the prepared task supplies the
+model, the loss, the data and its FLOPs (`vlmjax/tasks/__init__.py`), and `config.evals`
+names the evaluators (`vlmjax/evaluators/`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,24 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmjax import checkpoint, flops, optim, tasks, writers
+from vlmjax import checkpoint, evaluators, mfu, optim, tasks, writers
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
-from vlmjax.data import pipeline, sources, text
+from vlmjax.data import pipeline, sources
 
 log = logging.getLogger("vlmjax")
 
 FINAL_METRICS = "final_metrics.json"  # {"step": total_steps, "metrics": {...}} when finished
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary on SIGTERM, with a checkpoint of that step (raised
+    after everything is saved; `vlmjax train` exits 143 = 128 + SIGTERM, so a scheduler or
+    wrapper can tell a stopped run from a finished one)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted after step {step}; rerun the same command to resume")
+        self.step = step
 
 
 @flax.struct.dataclass
@@ -161,26 +172,23 @@ class Setup:
     model: nn.Module
     init_fn: Callable  # rng -> TrainState (sharded)
     train_step: Callable  # (state, batch) -> (state, metrics)
-    eval_step: Callable  # (params, model_state, batch) -> sums
     shardings: Any  # TrainState of NamedShardings
     abstract: Any  # TrainState of ShapeDtypeStructs
     batch_sharding: Any
 
 
-def setup(config: ml_collections.ConfigDict, task, mesh) -> Setup:
-    """Model, optimizer, shardings and jitted functions for `config` on `mesh`.
+def setup(config: ml_collections.ConfigDict, task: tasks.Task, mesh) -> Setup:
+    """Optimizer, shardings and jitted functions for the prepared `task` on `mesh`.
 
     Call (and run the returned functions) inside `jax.set_mesh(mesh)` and
     `nn.logical_axis_rules(mesh_lib.RULES)`, where the models' logical constraints resolve.
     """
-    model = task.build_model(config)
+    model = task.model
     tx, schedule = optim.build(config.optimizer, config.total_steps)
-    init_fn, shardings, abstract = state_shardings(model, tx, task.init_inputs(config), mesh)
+    init_fn, shardings, abstract = state_shardings(model, tx, task.init_inputs, mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
-    step_fn = make_train_step(
-        task.make_loss_fn(config, model), tx, schedule, config.optimizer.grad_accum_steps, mesh
-    )
+    step_fn = make_train_step(task.loss_fn, tx, schedule, config.optimizer.grad_accum_steps, mesh)
     return Setup(
         model=model,
         init_fn=jax.jit(init_fn, out_shardings=shardings),
@@ -191,41 +199,10 @@ def setup(config: ml_collections.ConfigDict, task, mesh) -> Setup:
             out_shardings=(shardings, rep),
             donate_argnums=0,
         ),
-        eval_step=jax.jit(
-            task.make_eval_fn(config, model),
-            in_shardings=(shardings.params, shardings.model_state, batch_sharding),
-            out_shardings=rep,
-        ),
         shardings=shardings,
         abstract=abstract,
         batch_sharding=batch_sharding,
     )
-
-
-def evaluate(task, config, run: Setup, state: TrainState) -> dict:
-    """Runs every eval split; returns {"eval/<metric>": value} ({"eval/<split>/..."} if >1).
-
-    A task either sums `eval_step` outputs over batches (then `eval_finalize`), or, with an
-    `evaluate_split` function, computes a split's metrics itself (e.g. retrieval)."""
-    model, eval_step, batch_sharding = run.model, run.eval_step, run.batch_sharding
-    results = {}
-    splits = task.eval_splits(config)
-    for split in splits:
-        if hasattr(task, "evaluate_split"):  # tasks whose metrics are not sums over batches
-            metrics = task.evaluate_split(config, split, model, eval_step, state, batch_sharding)
-        else:
-            totals: dict[str, float] = {}
-            for host_batch in task.eval_dataset(
-                config, split, jax.process_index(), jax.process_count()
-            ):
-                batch = pipeline.to_global(host_batch, batch_sharding)
-                sums = jax.device_get(eval_step(state.params, state.model_state, batch))
-                for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-            metrics = task.eval_finalize(totals)
-        prefix = "eval/" if len(splits) == 1 else f"eval/{split}/"
-        results.update({prefix + k: v for k, v in metrics.items()})
-    return results
 
 
 def _init_from(config: ml_collections.ConfigDict, run: Setup, state: TrainState) -> TrainState:
@@ -250,14 +227,16 @@ def evaluate_checkpoint(
     devices, whatever mesh it was saved on. Returns (step, metrics)."""
     check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    mesh_lib.batch_size_per_process(config.eval_batch_size, mesh)
-    with (
-        jax.set_mesh(mesh),
-        nn.logical_axis_rules(mesh_lib.RULES),
-        text.keep_trained_tokenizers_in(workdir),  # a vocabulary trained on the data
-    ):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
         sources.prepare(config.data)
-        task = tasks.get(config.task)
+        # The tokenizer the run kept in its workdir; no training data needed to rebuild it.
+        task = tasks.build(config, workdir)
+        evals = evaluators.build(config, task, mesh)
+        if not evals:
+            raise config_lib.ConfigError(
+                "config.evals is empty: give evaluators, e.g. --config.evals=\"{'heldout': "
+                "{'type': 'classification', 'split': 'heldout'}}\" or --evals FILE.py"
+            )
         run = setup(config, task, mesh)
         mngr = checkpoint.manager(workdir, max_to_keep=None)
         try:
@@ -265,7 +244,7 @@ def evaluate_checkpoint(
             state = checkpoint.restore(mngr, target, step=step)
         finally:
             mngr.close()
-        return int(state.step), evaluate(task, config, run, state)
+        return int(state.step), evaluators.run(evals, state)
 
 
 class Preemption:
@@ -330,7 +309,8 @@ def train(
     """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics.
 
     `stop_at` ends this invocation after that step, with a checkpoint, as a job with a time
-    limit would; running again resumes exactly there.
+    limit would; running again resumes exactly there. A SIGTERM stops at the next step
+    boundary with a checkpoint and raises `Preempted`.
     """
     check_config(config)
     is_main = jax.process_index() == 0
@@ -338,7 +318,6 @@ def train(
     # Mesh: every batch is split over (data, fsdp); the rules table shards parameters.
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     mesh_lib.batch_size_per_process(config.batch_size, mesh)
-    mesh_lib.batch_size_per_process(config.eval_batch_size, mesh)
     local_rows = config.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     if local_rows % config.optimizer.grad_accum_steps:
         raise config_lib.ConfigError(
@@ -349,17 +328,15 @@ def train(
         "mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count()
     )
 
-    with (
-        jax.set_mesh(mesh),
-        nn.logical_axis_rules(mesh_lib.RULES),
-        text.keep_trained_tokenizers_in(workdir),  # a vocabulary trained on the data
-    ):
-        # Data first (built once, a no-op later): a model may depend on it (a vocabulary,
-        # trained on the first start and kept in the workdir for later ones).
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        # Data first (built once, a no-op later): the task is prepared from it (a
+        # vocabulary, trained on the first start and kept in the workdir for later ones).
         sources.prepare(config.data)
         os.makedirs(workdir, exist_ok=True)
-        # Model, optimizer, shardings and the jitted init/train/eval functions.
-        task = tasks.get(config.task)
+        task = tasks.build(config, workdir)
+        # Every evaluator is checked (its data opened) before anything trains.
+        evals = evaluators.build(config, task, mesh)
+        # Optimizer, shardings and the jitted init and train step.
         run = setup(config, task, mesh)
 
         # Init, or resume from the latest checkpoint in the workdir.
@@ -378,15 +355,11 @@ def train(
                 state = _init_from(config, run, state)
 
         # Data: this process's rows of each global batch, from the resume position on.
-        train_iter = iter(
-            task.train_dataset(config, jax.process_index(), jax.process_count(), examples)
-        )
+        train_iter = iter(task.train_dataset(jax.process_index(), jax.process_count(), examples))
         num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
         log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
-        try:  # analytic training FLOPs, for train/tflops_per_device and train/mfu
-            flops_per_example = flops.per_example(config, run.model)
-        except ValueError:  # a model without a formula: no FLOP metrics
-            flops_per_example = None
+        # Analytic training FLOPs, for train/tflops_per_device and train/mfu (None: unknown).
+        flops_per_example = task.flops_per_example
 
         writer = writers.MetricWriter(workdir, enabled=is_main)
         first = int(state.step)
@@ -410,7 +383,7 @@ def train(
                     last_time, last_step = now, step
                     if flops_per_example:
                         metrics.update(
-                            flops.train_flops_summary(
+                            mfu.train_flops_summary(
                                 flops_per_example,
                                 metrics["train/examples_per_sec"],
                                 jax.device_count(),
@@ -428,11 +401,11 @@ def train(
                 else:
                     progress.update(step)
 
-                at_end = step == config.total_steps
-                if (config.eval_every and step % config.eval_every == 0) or at_end:
-                    eval_metrics = evaluate(task, config, run, state)
-                    writer.write(step, eval_metrics)
-                    progress.update(step, eval_metrics)
+                due = evaluators.run(evals, state, step, config.total_steps)
+                if due:
+                    eval_metrics.update(due)
+                    writer.write(step, due)
+                    progress.update(step, due)
                     last_time = time.time()  # keep eval time out of the throughput figure
 
                 preempted = preemption.reached(step)
@@ -450,9 +423,9 @@ def train(
                     )
                     break
 
-        if not eval_metrics and not preempted and config.eval_every is not None:
-            # Resumed a finished run: evaluate the restored state so the caller gets numbers.
-            eval_metrics = evaluate(task, config, run, state)
+        if not eval_metrics and not preempted:
+            # E.g. resumed a finished run: evaluate the state so the caller gets numbers.
+            eval_metrics = evaluators.run(evals, state)
         mngr.wait_until_finished()
         mngr.close()
         progress.close()
@@ -461,4 +434,6 @@ def train(
         # The mark of a finished run (sweeps skip such workdirs), written last.
         with open(os.path.join(workdir, FINAL_METRICS), "w") as f:
             json.dump({"step": config.total_steps, "metrics": eval_metrics}, f, indent=2)
+    if preempted:
+        raise Preempted(int(state.step))
     return eval_metrics

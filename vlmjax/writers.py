@@ -80,9 +80,10 @@ class Progress:
             if metrics:
                 self._bar.set_postfix(
                     {
-                        k.split("/")[-1]: f"{_scalar(v):.4g}"
+                        k.split("/", 1)[-1]: f"{_scalar(v):.4g}"
                         for k, v in metrics.items()
-                        if k in ("train/loss", "train/accuracy", "eval/accuracy")
+                        if k in ("train/loss", "train/accuracy")
+                        or (k.startswith("eval/") and k.endswith(("/accuracy", "/exact_match")))
                     }
                 )
         elif metrics:

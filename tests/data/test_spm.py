@@ -117,7 +117,7 @@ def test_trained_on_captions_and_cached_beside_shapes(data_dir):
     cfg.source, cfg.data_dir, cfg.caption_key = "shapes", data_dir, "caption"
     cfg.image_size, cfg.num_train, cfg.num_heldout = 32, 4096, 256
     cfg.tokenizer = "sentencepiece:64"
-    tok = text.get_tokenizer(cfg)
+    tok = text.prepare_tokenizer(cfg)
     assert isinstance(tok, spm.SentencePieceTokenizer)
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
     assert 16 < tok.vocab_size <= 64
@@ -131,11 +131,10 @@ def test_trained_on_captions_and_cached_beside_shapes(data_dir):
     row = tok.encode(caption, 64)[0]
     assert tok.unk_id not in row.tolist() and tok.decode(row) == caption
     # A second run reads the saved model: the same one, not a retrained one.
-    text._load.cache_clear()
-    assert text.get_tokenizer(cfg) == tok
+    assert text.prepare_tokenizer(cfg) == tok
 
     bad = ml_collections.ConfigDict(cfg.to_dict())
     for spec in ("sentencepiece:", "sentencepiece:abc", "sentencepiece:4"):
         bad.tokenizer = spec
         with pytest.raises(ValueError, match="write sentencepiece:N"):
-            text.get_tokenizer(bad)
+            text.prepare_tokenizer(bad)

@@ -250,7 +250,7 @@ def _run_steps(config, mesh, batches, initial=None):
     """The jitted train step on `mesh` over `batches`, from `initial` (a host TrainState) or
     from init. Returns (host state before, host state after, losses, device state after)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
-        run = train.setup(config, tasks.get(config.task), mesh)
+        run = train.setup(config, tasks.build(config), mesh)
         if initial is None:
             state = run.init_fn(jax.random.PRNGKey(config.seed))
             initial = jax.device_get(state)

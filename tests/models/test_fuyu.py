@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from vlmjax import losses
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import fuyu_layout as fl
 from vlmjax.models import fuyu, layers
@@ -114,7 +115,7 @@ def test_shapes_and_parameter_names(tiny):
 def _segment_losses(model, variables, batch):
     """{(row, segment): summed target NLL} of a packed batch."""
     logits = jax.jit(model.apply)(variables, **fuyu.model_inputs(batch))
-    nll = np.asarray(fuyu.token_nll(logits, batch["targets"])) * batch["loss_mask"]
+    nll = np.asarray(losses.token_nll(logits, batch["targets"])) * batch["loss_mask"]
     return {
         (r, s): float(nll[r][batch["segment_ids"][r] == s].sum())
         for r in range(nll.shape[0])
@@ -139,7 +140,7 @@ def test_packed_equals_one_at_a_time(tiny):
         )
     assert all(v > 1.0 for v in packed_losses.values())  # real losses, not empty masks
     # The mean loss weights every target token once, wherever it was packed.
-    loss, metrics = fuyu.next_token_loss(
+    loss, metrics = losses.next_token_loss(
         logits=jnp.asarray(packed_logits),
         targets=jnp.asarray(packed["targets"]),
         loss_mask=jnp.asarray(packed["loss_mask"]),
@@ -200,7 +201,7 @@ def test_scan_and_remat_equal_loop(tiny):
 
     def loss(model, params):
         logits = model.apply({"params": params}, **inputs)
-        return fuyu.next_token_loss(
+        return losses.next_token_loss(
             logits=logits, targets=batch["targets"], loss_mask=batch["loss_mask"]
         )[0]
 
@@ -233,7 +234,7 @@ def _train(mesh, batch, host_params, steps=2):
 
     def loss_fn(params, batch):
         logits = model.apply({"params": params}, **fuyu.model_inputs(batch))
-        return fuyu.next_token_loss(
+        return losses.next_token_loss(
             logits=logits, targets=batch["targets"], loss_mask=batch["loss_mask"]
         )[0]
 
@@ -251,11 +252,11 @@ def _train(mesh, batch, host_params, steps=2):
         opt_state = tx.init(params)
         device_batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
         step = jax.jit(step, donate_argnums=(0, 1))
-        losses = []
+        curve = []
         for _ in range(steps):
             params, opt_state, loss = step(params, opt_state, device_batch)
-            losses.append(float(loss))
-    return losses, params
+            curve.append(float(loss))
+    return curve, params
 
 
 @pytest.fixture(scope="module")
@@ -267,8 +268,8 @@ def single_device_run(tiny):
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4)], ids=["d2-f2-t2", "f2-t4"])
 def test_sharded_step_equals_single_device(shape, tiny, single_device_run):
     ref_losses, ref_params = single_device_run
-    losses, params = _train(mesh_lib.make_mesh(*shape), _batch(rows=4), tiny[1]["params"])
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    curve, params = _train(mesh_lib.make_mesh(*shape), _batch(rows=4), tiny[1]["params"])
+    np.testing.assert_allclose(curve, ref_losses, rtol=1e-5)
     assert ref_losses[1] < ref_losses[0]  # the step moved the parameters somewhere useful
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 import tensorflow_datasets as tfds
 
-from vlmjax.data import jsonl, shapes
+from vlmjax.data import classnames, jsonl, shapes
 
 TFDS_PREFIX = "tfds:"
 
@@ -74,15 +74,18 @@ def source(cfg: ml_collections.ConfigDict, split: str, required: tuple[str, ...]
 
 
 def class_names(cfg: ml_collections.ConfigDict) -> list[str] | None:
-    """Names of the label classes (for zero-shot prompts), or None if the source has none."""
+    """Names of the label classes as prompt words (see `classnames.from_labels`), or None
+    if the source has none."""
     if cfg.source == "shapes":
         return list(shapes.KINDS)
     if jsonl.parse(cfg.source) is not None:
         return None
     builder = _tfds_builder(_tfds_name(cfg.source), cfg.data_dir)
-    feature = builder.info.features.get(cfg.label_key) if cfg.label_key else None
+    features = builder.info.features
+    feature = features[cfg.label_key] if cfg.label_key in features.keys() else None
     names = getattr(feature, "names", None)
-    return [n.replace("_", " ") for n in names] if names else None
+    # As prompt words: WordNet ids (tfds imagenet2012) become the curated ImageNet names.
+    return classnames.from_labels(names) if names else None
 
 
 def classification_source(cfg: ml_collections.ConfigDict, split: str) -> tuple[Any, int]:

@@ -8,10 +8,10 @@ The same templates, averaged over, give the zero-shot classifier (`vlmjax/evalua
 
 `data.tokenizer`:
   * "word": a word-level vocabulary trained on the train split's captions (or, for the
-    decoder, on the record fields it reads: `get_tokenizer(cfg, fields=...)`). For `shapes`
+    decoder, on the record fields it reads: `prepare_tokenizer(cfg, fields=...)`). For `shapes`
     it is trained once and saved beside the prepared dataset; for other sources it is
     trained when a run first starts and saved in its workdir, whence later starts (resume,
-    `vlmjax eval`, `vlmjax generate`) load it (`keep_trained_tokenizers_in`).
+    `vlmjax eval`, `vlmjax generate`) load it (`prepare_tokenizer`).
   * "sentencepiece:N": a SentencePiece unigram model of about N pieces trained on the same
     text (saved beside `shapes` like "word"); subwords, so unseen words still encode.
   * a path: a saved WordTokenizer JSON, or pretrained tokenizer files (see
@@ -21,17 +21,15 @@ The same templates, averaged over, give the zero-shot classifier (`vlmjax/evalua
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from vlmjax.data import jsonl, shapes, sources, spm
+from vlmjax.data import classnames, jsonl, shapes, sources, spm
 from vlmjax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger("vlmjax")
@@ -58,10 +56,15 @@ TEMPLATES = {
 
 def templates(spec: str) -> tuple[str, ...]:
     """`data.templates` -> prompt templates, each with one "{}" for the class name."""
-    found = TEMPLATES.get(spec) or tuple(t.strip() for t in spec.split("|") if t.strip())
+    found = (
+        TEMPLATES.get(spec)
+        or classnames.template_set(spec)
+        or tuple(t.strip() for t in spec.split("|") if t.strip())
+    )
     if not found or any(t.count("{}") != 1 for t in found):
+        names = sorted([*TEMPLATES, *classnames.TEMPLATE_SETS])
         raise ValueError(
-            f"data.templates={spec!r}: name a set ({sorted(TEMPLATES)}) or give templates "
+            f"templates={spec!r}: name a set ({names}) or give templates "
             f"separated by '|', each with exactly one '{{}}' for the class name"
         )
     return found
@@ -134,41 +137,20 @@ def _train_fields(cfg: ml_collections.ConfigDict, fields: tuple[str, ...]):
                 yield from (as_str(v) for v in value)
 
 
-_keep_dir: str | None = None  # see keep_trained_tokenizers_in
-
-
-@contextlib.contextmanager
-def keep_trained_tokenizers_in(directory: str | os.PathLike) -> Iterator[None]:
-    """Within this context, tokenizers trained on a source other than `shapes` are saved in
-    `directory` (a run's workdir: `vlmjax train`, `eval` and `generate` use it) and loaded
-    from there when it already holds them. A resumed run, or an evaluation, thus keeps the
-    ids its checkpoints were trained with even if the captions changed since, and needs no
-    training data to rebuild them. (`shapes` is deterministic: its tokenizers are kept
-    beside the prepared data.)"""
-    global _keep_dir
-    previous, _keep_dir = _keep_dir, os.fspath(directory)
-    try:
-        yield
-    finally:
-        _keep_dir = previous
-
-
 def _trained_tokenizer_path(
     cfg: ml_collections.ConfigDict,
     fields: tuple[str, ...] = (),
     kind: str = "word",
-    keep_dir: str | None = None,
+    directory: str | None = None,
 ) -> str | None:
-    """Where a tokenizer trained on the data is kept: beside the prepared `shapes` data, or
-    in `keep_dir` for other sources; None if nowhere. It is named after its kind and the
-    fields it was trained on (`word_tokenizer_caption+question.json`,
+    """Where a tokenizer trained on the data is kept: in `directory` (a run's workdir) when
+    given, else beside the prepared `shapes` data, else nowhere (None). It is named after
+    its kind and the fields it was trained on (`word_tokenizer_caption+question.json`,
     `sentencepiece1000_tokenizer_caption.model`)."""
-    if cfg.source == "shapes":
+    if directory is None:
+        if cfg.source != "shapes":
+            return None
         directory = shapes.dataset_dir(cfg.data_dir, cfg.image_size, cfg.num_train, cfg.num_heldout)
-    elif keep_dir is not None:
-        directory = keep_dir
-    else:
-        return None
     name = "+".join(fields) if fields else (cfg.caption_key or "labels")
     suffix = "json" if kind == "word" else "model"
     return os.path.join(directory, f"{kind}_tokenizer_{name}.{suffix}")
@@ -187,43 +169,56 @@ def _sentencepiece_size(spec: str) -> int | None:
     return int(size)
 
 
-@functools.lru_cache(maxsize=8)
-def _load(
-    spec: str, frozen_cfg: str, fields: tuple[str, ...] = (), keep_dir: str | None = None
+def _save(tok: tokenizer_lib.Tokenizer, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if isinstance(tok, tokenizer_lib.WordTokenizer):
+        tok.save(path)
+    else:
+        spm.save(tok, path)
+
+
+def _load_saved(path: str, kind: str) -> tokenizer_lib.Tokenizer:
+    if kind == "word":
+        return tokenizer_lib.WordTokenizer.load(path)
+    return spm.SentencePieceTokenizer.load(path)
+
+
+def prepare_tokenizer(
+    cfg: ml_collections.ConfigDict,
+    fields: tuple[str, ...] | None = None,
+    workdir: str | None = None,
 ) -> tokenizer_lib.Tokenizer:
-    cfg = ml_collections.ConfigDict(__import__("json").loads(frozen_cfg))
-    texts = _train_fields(cfg, fields) if fields else _train_captions(cfg)  # lazy
-    what = f"{list(fields) or 'the captions'} of {cfg.source}"
-    if spec == "word":
-        path = _trained_tokenizer_path(cfg, fields, keep_dir=keep_dir)
-        if path is not None:
-            if os.path.exists(path) and cfg.source != "shapes":
-                log.info("word tokenizer from %s (trained when the run started)", path)
-            return tokenizer_lib.build_for_captions(texts, path)
-        log.info("training a word tokenizer on %s", what)
-        return tokenizer_lib.WordTokenizer.train(texts)
+    """The tokenizer named by `cfg.tokenizer` (`cfg` is the `data` config), built once per
+    run by the task.
+
+    A tokenizer trained on the data ("word", "sentencepiece:N") is loaded from `workdir`
+    when the run saved one there, else trained (or, for the deterministic `shapes`, taken
+    from beside the prepared dataset) and saved in `workdir`: a resumed run, `vlmjax eval`
+    and `vlmjax generate` then keep the ids the checkpoints were trained with, even if the
+    captions changed since, and need no training data to rebuild them.
+
+    `fields`: the record fields a vocabulary is trained on (e.g. ("caption", "question",
+    "answer")); None trains it on the captions (`cfg.caption_key`), as the contrastive task
+    does. Pretrained tokenizers (a path) ignore both."""
+    spec, fields = cfg.tokenizer, tuple(fields or ())
     size = _sentencepiece_size(spec)
-    if size is not None:
-        path = _trained_tokenizer_path(cfg, fields, kind=f"sentencepiece{size}", keep_dir=keep_dir)
-        if path is not None and os.path.exists(path):
-            log.info("SentencePiece model from %s", path)
-            return spm.SentencePieceTokenizer.load(path)
-        log.info("training a %d-piece SentencePiece model on %s", size, what)
-        tok = spm.train(texts, size)
-        if path is not None:
-            spm.save(tok, path)
-        return tok
-    return tokenizer_lib.load_tokenizer(os.path.expanduser(spec))
-
-
-def get_tokenizer(
-    cfg: ml_collections.ConfigDict, fields: tuple[str, ...] | None = None
-) -> tokenizer_lib.Tokenizer:
-    """The tokenizer named by `cfg.tokenizer` (`cfg` is the `data` config); cached per
-    process, so the train and eval pipelines share one.
-
-    `fields`: the record fields a "word" vocabulary is trained on (e.g. ("caption",
-    "question", "answer")); None trains it on the captions (`cfg.caption_key`), as the
-    contrastive task does. Pretrained tokenizers ignore it."""
-    frozen = cfg.to_json_best_effort(sort_keys=True)
-    return _load(cfg.tokenizer, frozen, tuple(fields or ()), _keep_dir)
+    if spec != "word" and size is None:
+        return tokenizer_lib.load_tokenizer(os.path.expanduser(spec))
+    kind = "word" if size is None else f"sentencepiece{size}"
+    kept = _trained_tokenizer_path(cfg, fields, kind, workdir) if workdir else None
+    if kept is not None and os.path.exists(kept):
+        log.info("%s tokenizer from %s (trained when the run started)", kind, kept)
+        return _load_saved(kept, kind)
+    beside_data = _trained_tokenizer_path(cfg, fields, kind)
+    if beside_data is not None and os.path.exists(beside_data):
+        tok = _load_saved(beside_data, kind)
+    else:
+        texts = _train_fields(cfg, fields) if fields else _train_captions(cfg)  # lazy
+        log.info("training a %s tokenizer on %s of %s", kind, list(fields) or "the captions",
+                 cfg.source)  # fmt: skip
+        tok = tokenizer_lib.WordTokenizer.train(texts) if size is None else spm.train(texts, size)
+        if beside_data is not None:
+            _save(tok, beside_data)
+    if kept is not None:
+        _save(tok, kept)
+    return tok

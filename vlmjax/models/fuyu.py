@@ -37,7 +37,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from vlmjax.models import layers, vit
 
@@ -339,26 +338,3 @@ def init_cache(
 def model_inputs(batch: dict) -> dict:
     """The entries of a fuyu_layout batch that `FuyuDecoder.__call__` takes, by keyword."""
     return {k: batch[k] for k in INPUT_KEYS if k in batch}
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position negative log-likelihood [b, L] float32 of `targets` [b, L] (int)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-
-
-def next_token_loss(
-    *, logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean NLL over the positions where `loss_mask` [b, L] is set (the target text).
-
-    `targets` [b, L] are the next tokens (fuyu_layout shifts them within each segment), so
-    there is no shifting here. Returns (loss, {"loss", "accuracy", "tokens"}); an all-zero
-    mask gives loss 0, not NaN.
-    """
-    mask = loss_mask.astype(jnp.float32)
-    count = mask.sum()
-    denominator = jnp.maximum(count, 1.0)
-    loss = (token_nll(logits, targets) * mask).sum() / denominator
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    accuracy = (correct * mask).sum() / denominator
-    return loss, {"loss": loss, "accuracy": accuracy, "tokens": count}

@@ -8,19 +8,20 @@ there.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from vlmjax import config as config_lib
+from vlmjax import flops, losses
 from vlmjax.data import pipeline, sources
 from vlmjax.models import convnets, vit
+from vlmjax.tasks import Task
 
 MODELS = {"vit": vit.ViT, "resnet": convnets.ResNet, "alexnet": convnets.AlexNet}
 
@@ -69,55 +70,9 @@ def fake_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, 
     }
 
 
-def train_dataset(
-    config: ml_collections.ConfigDict,
-    process_index: int,
-    process_count: int,
-    start_example: int = 0,
-) -> grain.IterDataset:
-    return pipeline.run_train_dataset(
-        config,
-        _checked_source(config, config.data.train_split),
-        lambda resize: pipeline.classification_features(config.data, resize=resize),
-        process_index,
-        process_count,
-        start_example,
-    )
-
-
-def eval_splits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    split = config.data.eval_split
-    return (split,) if split else ()
-
-
-def eval_dataset(
-    config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
-):
-    source = _checked_source(config, split)
-    return pipeline.eval_batches(
-        source,
-        pipeline.classification_features(config.data),
-        batch_size=config.eval_batch_size // process_count,
-        process_index=process_index,
-        process_count=process_count,
-        max_examples=config.data.eval_max_examples or None,
-    )
-
-
 def normalise(images: jax.Array) -> jax.Array:
     """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
     return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    """Per-example softmax cross-entropy in float32; logits [b, k], labels int [b] -> [b]."""
-    num_classes = logits.shape[-1]
-    targets = (
-        optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-        if smoothing
-        else (jax.nn.one_hot(labels, num_classes))
-    )
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 def loss_fn(
@@ -139,50 +94,46 @@ def loss_fn(
         rngs={"dropout": rng},
         mutable=list(model_state),
     )
-    loss = _cross_entropy(logits, batch["label"], label_smoothing).mean()
+    loss = losses.cross_entropy(logits, batch["label"], label_smoothing).mean()
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
     return loss, ({"loss": loss, "accuracy": accuracy}, dict(new_state))
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module):
-    """loss(params, model_state, batch, rng) -> (loss, (metrics, new model_state))."""
-    smoothing = config.loss.label_smoothing
-    return lambda params, model_state, batch, rng: loss_fn(
-        model, params, model_state, batch, rng, label_smoothing=smoothing
+def _train_dataset(config, process_index, process_count, start_example=0):
+    return pipeline.run_train_dataset(
+        config,
+        _checked_source(config, config.data.train_split),
+        lambda resize: pipeline.classification_features(config.data, resize=resize),
+        process_index,
+        process_count,
+        start_example,
     )
 
 
-def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module):
-    """eval(params, model_state, batch) -> dict of masked sums."""
-    del config
-    return lambda params, model_state, batch: eval_sums(model, params, model_state, batch)
+def _flops(config: ml_collections.ConfigDict, model: nn.Module) -> float | None:
+    try:
+        return flops.per_example(config, model)
+    except ValueError:  # a model without a formula: no FLOP metrics
+        return None
 
 
-def eval_sums(
-    model: nn.Module, params: Any, model_state: dict, batch: dict[str, jax.Array]
-) -> dict[str, jax.Array]:
-    """Masked sums over one eval batch; `eval_finalize` turns the totals into metrics."""
-    logits = model.apply({"params": params, **model_state}, normalise(batch["image"]), train=False)
-    mask = batch["mask"].astype(jnp.float32)
-    correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
-    sums = {
-        "count": mask.sum(),
-        "correct": (correct * mask).sum(),
-        "loss": (_cross_entropy(logits, batch["label"], 0.0) * mask).sum(),
-    }
-    if "novel" in batch:
-        novel = mask * batch["novel"].astype(jnp.float32)
-        sums["novel_count"] = novel.sum()
-        sums["novel_correct"] = (correct * novel).sum()
-    return sums
+def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task:
+    """The classification task of `config` (nothing is derived from the data but the class
+    count, so nothing is kept in `workdir`)."""
+    del workdir
+    model = build_model(config)
 
+    def logits(variables, images):
+        return model.apply(variables, normalise(images), train=False)
 
-def eval_finalize(sums: dict[str, float]) -> dict[str, float]:
-    count = max(sums["count"], 1.0)
-    metrics = {"accuracy": sums["correct"] / count, "loss": sums["loss"] / count}
-    if sums.get("novel_count"):
-        metrics["accuracy_novel"] = sums["novel_correct"] / sums["novel_count"]
-        seen = sums["count"] - sums["novel_count"]
-        if seen:
-            metrics["accuracy_seen"] = (sums["correct"] - sums["novel_correct"]) / seen
-    return metrics
+    return Task(
+        name="classification",
+        prepared=None,
+        model=model,
+        init_inputs=init_inputs(config),
+        loss_fn=functools.partial(loss_fn, model, label_smoothing=config.loss.label_smoothing),
+        train_dataset=functools.partial(_train_dataset, config),
+        fake_batch=functools.partial(fake_batch, config),
+        flops_per_example=_flops(config, model),
+        logits=logits,
+    )

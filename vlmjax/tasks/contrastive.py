@@ -1,24 +1,21 @@
-"""Contrastive image-text training (CLIP, SigLIP) with zero-shot and retrieval evaluation.
+"""Contrastive image-text training (CLIP, SigLIP).
 
-Batches are {'image': uint8 [B, S, S, 3], 'tokens': int32 [B, L]}; in eval also 'mask' and,
-where the source has class labels, 'label' (+ 'novel' on `shapes`). The loss is
+Batches are {'image': uint8 [B, S, S, 3], 'tokens': int32 [B, L]}. The loss is
 `losses.contrastive_loss` over the global batch (`loss.kind` softmax | sigmoid,
-`loss.impl` all_gather | chunked). Evaluation embeds a whole split, gathers the embeddings
-to every process and scores them with `vlmjax/evaluate.py`:
-
-  eval/zeroshot_accuracy (+ _top5 with > 5 classes, + _novel / _seen on `shapes`): images
-      classified by similarity to each class's prompt ensemble (`data.templates`);
-  eval/i2t_recall@K, eval/t2i_recall@K for K in 1, 5, 10: retrieval among the split's
-      pairs, identical captions counting as the same one.
+`loss.impl` all_gather | chunked | tiled). The task offers the evaluators
+(`vlmjax/evaluators/`) unit image and text embeddings and its tokenizer, for zero-shot
+classification, retrieval and few-shot probes on any dataset.
 
 Config keys (beyond `defaults.base_config`): `model_name = "clip"`, `model.*` = CLIP fields
-with `model.vision.*` (ViT fields) and `model.text.*` (TextTransformer fields; the
-tokenizer's vocab size and special ids unless given), `loss.kind`, `loss.impl`,
-`data.caption_key`, `data.tokenizer`, `data.templates` (see `vlmjax/data/text.py`).
+with `model.vision.*` (ViT or ResNet fields, `model.image_model`) and `model.text.*`
+(TextTransformer fields; the tokenizer's vocab size and special ids unless given),
+`loss.kind`, `loss.impl`, `data.caption_key`, `data.tokenizer`, `data.templates` (see
+`vlmjax/data/text.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -31,49 +28,58 @@ import ml_collections
 import numpy as np
 
 from vlmjax import config as config_lib
-from vlmjax import evaluate, losses
+from vlmjax import flops, losses
 from vlmjax.data import pipeline, sources
 from vlmjax.data import text as text_lib
 from vlmjax.data import tokenizer as tokenizer_lib
 from vlmjax.models import clip, convnets, text, vit
+from vlmjax.tasks import Task
 from vlmjax.tasks.classification import normalise
 
 log = logging.getLogger("vlmjax")
 
 MODELS = {"clip": clip.CLIP}
 IMAGE_TOWERS = {"vit": vit.ViT, "resnet": convnets.ResNet}
-RECALL_AT = (1, 5, 10)
 
 
-def tokenizer(config: ml_collections.ConfigDict):
-    return text_lib.get_tokenizer(config.data)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What a contrastive run derives from its data, built once (`build`)."""
+
+    tokenizer: tokenizer_lib.Tokenizer
+    context_length: int
 
 
-def _checked_tokenizer(config: ml_collections.ConfigDict):
-    """The tokenizer, after checking that the text tower can take its ids."""
-    tok = tokenizer(config)
-    t = _model_kwargs(config)["text"]
-    if t["vocab_size"] < tok.vocab_size:
+def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Prepared:
+    """The run's tokenizer (trained on the captions and kept in `workdir` for "word" and
+    "sentencepiece:N") and text length."""
+    return Prepared(
+        text_lib.prepare_tokenizer(config.data, workdir=workdir), context_length(config)
+    )
+
+
+def _check_tokenizer(text_cfg: dict[str, Any], tok, spec: str) -> None:
+    """The text tower must take the tokenizer's ids."""
+    if text_cfg["vocab_size"] < tok.vocab_size:
         raise config_lib.ConfigError(
-            f"model.text.vocab_size={t['vocab_size']} is smaller than the tokenizer's "
-            f"{tok.vocab_size} (data.tokenizer={config.data.tokenizer!r}); remove it (it then "
-            "follows the tokenizer) or raise it"
+            f"model.text.vocab_size={text_cfg['vocab_size']} is smaller than the tokenizer's "
+            f"{tok.vocab_size} (data.tokenizer={spec!r}); remove it (it then follows the "
+            "tokenizer) or raise it"
         )
-    if t["eos_id"] is not None and t["eos_id"] != tok.eos_id:
+    if text_cfg["eos_id"] is not None and text_cfg["eos_id"] != tok.eos_id:
         raise config_lib.ConfigError(
-            f"model.text.eos_id={t['eos_id']} but the tokenizer ends texts with id "
+            f"model.text.eos_id={text_cfg['eos_id']} but the tokenizer ends texts with id "
             f"{tok.eos_id}; the text tower would pool the wrong position"
         )
-    return tok
 
 
 def context_length(config: ml_collections.ConfigDict) -> int:
     return config.model.get("text", {}).get("context_length", text.TextTransformer.context_length)
 
 
-def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _model_kwargs(config: ml_collections.ConfigDict, tok) -> dict[str, Any]:
     """CLIP kwargs from `config.model`, every nested key checked, text fields completed
-    from the tokenizer."""
+    from the tokenizer `tok` (and checked against it)."""
     if config.model_name not in MODELS:
         raise config_lib.ConfigError(
             f"model_name={config.model_name!r} is not one of {sorted(MODELS)} for task "
@@ -89,13 +95,10 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     config_lib.module_kwargs(tower, vision, "model.vision")
     text_cfg = dict(kwargs.get("text") or {})
     config_lib.module_kwargs(text.TextTransformer, text_cfg, "model.text")
-    if not (text_cfg.get("vocab_size") and "eos_id" in text_cfg and "pad_id" in text_cfg):
-        # Completed from the tokenizer (which may need the data); a config that gives all
-        # three builds without it, and the data pipeline checks them against it.
-        tok = tokenizer(config)
-        text_cfg["vocab_size"] = text_cfg.get("vocab_size") or tok.vocab_size
-        text_cfg.setdefault("eos_id", tok.eos_id)
-        text_cfg.setdefault("pad_id", tok.pad_id)
+    text_cfg["vocab_size"] = text_cfg.get("vocab_size") or tok.vocab_size
+    text_cfg.setdefault("eos_id", tok.eos_id)
+    text_cfg.setdefault("pad_id", tok.pad_id)
+    _check_tokenizer(text_cfg, tok, config.data.tokenizer)
     if config.loss.kind == "sigmoid" and kwargs.get("sigmoid_bias") is None:
         raise config_lib.ConfigError(
             "loss.kind='sigmoid' needs the learnable bias: set model.sigmoid_bias (SigLIP "
@@ -104,10 +107,10 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {**kwargs, "vision": vision, "text": text_cfg}
 
 
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The CLIP model of `config.model`."""
+def build_model(config: ml_collections.ConfigDict, prepared: Prepared) -> nn.Module:
+    """The CLIP model of `config.model`, its text tower sized for the prepared tokenizer."""
     losses._check(config.loss.kind, config.loss.impl)
-    return clip.CLIP(**_model_kwargs(config))
+    return clip.CLIP(**_model_kwargs(config, prepared.tokenizer))
 
 
 def init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -118,11 +121,13 @@ def init_inputs(config: ml_collections.ConfigDict) -> tuple[jax.ShapeDtypeStruct
     )
 
 
-def fake_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
+def fake_batch(
+    config: ml_collections.ConfigDict, prepared: Prepared, batch_size: int
+) -> dict[str, np.ndarray]:
     """A random train batch of `batch_size` rows, shaped and typed like the real ones."""
     rng = np.random.default_rng(0)
-    size, length = config.data.image_size, context_length(config)
-    tok = tokenizer(config)
+    size, length = config.data.image_size, prepared.context_length
+    tok = prepared.tokenizer
     words = rng.integers(0, tok.vocab_size, (batch_size, length - 2)).tolist()
     return {
         "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
@@ -131,17 +136,6 @@ def fake_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, 
 
 
 # --- data ------------------------------------------------------------------------------------
-
-
-def eval_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The `data` config of the eval split: `data.eval_source` (e.g. ImageNet for zero-shot
-    while training on image-text pairs) with `data.eval_caption_key`, else `data` itself."""
-    data = config.data
-    if not data.eval_source:
-        return data
-    out = ml_collections.ConfigDict(data.to_dict())
-    out.source, out.caption_key = data.eval_source, data.eval_caption_key
-    return out
 
 
 def _source(data: ml_collections.ConfigDict, split: str):
@@ -176,11 +170,12 @@ def _features(data: ml_collections.ConfigDict, resize: bool = True):
 
 def train_dataset(
     config: ml_collections.ConfigDict,
+    prepared: Prepared,
     process_index: int,
     process_count: int,
     start_example: int = 0,
 ) -> grain.IterDataset:
-    tok, length = _checked_tokenizer(config), context_length(config)
+    tok, length = prepared.tokenizer, prepared.context_length
 
     def pick_caption(ex, rng):
         texts = ex["texts"]
@@ -198,35 +193,7 @@ def train_dataset(
     )
 
 
-def eval_splits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    split = config.data.eval_split
-    return (split,) if split else ()
-
-
-def eval_dataset(
-    config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
-):
-    """Batches of the split in order, each pair with its first caption (or prompt)."""
-    tok, length = _checked_tokenizer(config), context_length(config)
-    data = eval_data(config)
-    features = _features(data)
-
-    def eval_features(record):
-        ex = features(record)
-        texts = ex.pop("texts")
-        return {**ex, "tokens": tok.encode(texts[:1], length)[0]}
-
-    return pipeline.eval_batches(
-        _source(data, split),
-        eval_features,
-        batch_size=config.eval_batch_size // process_count,
-        process_index=process_index,
-        process_count=process_count,
-        max_examples=config.data.eval_max_examples or None,
-    )
-
-
-# --- loss and evaluation ---------------------------------------------------------------------
+# --- loss and the task ---------------------------------------------------------------------
 
 
 def loss_fn(
@@ -265,99 +232,34 @@ def loss_fn(
     return loss, (metrics, dict(new_state))
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module):
-    """loss(params, model_state, batch, rng) -> (loss, (metrics, model_state))."""
-    return functools.partial(loss_fn, model, kind=config.loss.kind, impl=config.loss.impl)
+def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task:
+    """The contrastive task of `config`, its tokenizer prepared once (and kept in `workdir`)."""
+    prepared = prepare(config, workdir)
+    model = build_model(config, prepared)
 
+    def embed_images(variables, images):
+        return model.apply(variables, normalise(images), method=clip.CLIP.encode_image)
 
-def make_eval_fn(config: ml_collections.ConfigDict, model: nn.Module):
-    """eval(params, model_state, batch) -> the batch's embeddings and fields (replicated by
-    the caller's out_shardings, so every process sees the whole global batch)."""
-    del config
+    def embed_texts(variables, tokens):
+        return model.apply(variables, tokens, method=clip.CLIP.encode_text)
 
-    def eval_fn(params, model_state, batch):
-        out = model.apply(
-            {"params": params, **model_state}, normalise(batch["image"]), batch["tokens"]
-        )
-        keep = {k: batch[k] for k in ("tokens", "mask", "label", "novel") if k in batch}
-        return {"zimg": out["zimg"], "ztxt": out["ztxt"], **keep}
+    def tokenize(texts):
+        return prepared.tokenizer.encode(list(texts), prepared.context_length)
 
-    return eval_fn
-
-
-_ENCODERS: dict[tuple[int, Any], tuple[nn.Module, Any]] = {}
-
-
-def _text_encoder(model: nn.Module, mesh: jax.sharding.Mesh):
-    """Jitted tokens [n, L] -> unit embeddings [n, E], replicated to every device; built
-    once per model and mesh (the model is kept with it, so its id stays unique)."""
-    key = (id(model), mesh)
-    if key not in _ENCODERS:
-
-        def encode(params, tokens):
-            return model.apply({"params": params}, tokens, method=clip.CLIP.encode_text)
-
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        _ENCODERS[key] = (model, jax.jit(encode, out_shardings=rep))
-    return _ENCODERS[key][1]
-
-
-def encode_texts(
-    model: nn.Module, params: Any, tokens: np.ndarray, batch_sharding, batch_size: int
-) -> np.ndarray:
-    """Unit text embeddings [N, E] float32 (host) of tokens int32 [N, L] (the same on every
-    process), in sharded chunks of `batch_size` rows."""
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start : start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        array = jax.make_array_from_callback(
-            padded.shape, batch_sharding, lambda i, rows=padded: rows[i]
-        )
-        z = _text_encoder(model, batch_sharding.mesh)(params, array)
-        out.append(np.asarray(jax.device_get(z))[: len(chunk)])
-    return np.concatenate(out)
-
-
-def evaluate_split(
-    config: ml_collections.ConfigDict, split: str, model, eval_step, state, batch_sharding
-) -> dict[str, float]:
-    """Zero-shot accuracy and retrieval recall over `split` (see the module doc)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for host_batch in eval_dataset(config, split, jax.process_index(), jax.process_count()):
-        outputs = jax.device_get(
-            eval_step(
-                state.params, state.model_state, pipeline.to_global(host_batch, batch_sharding)
-            )
-        )
-        for k, v in outputs.items():
-            parts.setdefault(k, []).append(np.asarray(v))
-    got = {k: np.concatenate(v) for k, v in parts.items()}
-    keep = got.pop("mask").astype(bool)
-    got = {k: v[keep] for k, v in got.items()}
-
-    data = eval_data(config)
-    metrics = {}
-    if data.caption_key:  # (prompts made from labels are no captions to retrieve)
-        metrics = evaluate.retrieval_recall(
-            got["zimg"], got["ztxt"], evaluate.caption_groups(got["tokens"]), RECALL_AT
-        )
-    names = sources.class_names(data)
-    if "label" in got and names:
-        templates = text_lib.templates(data.templates)
-        prompts = [t.format(name) for name in names for t in templates]
-        tokens = tokenizer(config).encode(prompts, context_length(config))
-        z = encode_texts(model, state.params, tokens, batch_sharding, config.eval_batch_size)
-        classifier = evaluate.zeroshot_classifier(z.reshape(len(names), len(templates), -1))
-        correct = evaluate.topk_accuracy(got["zimg"], classifier, got["label"])
-        metrics["zeroshot_accuracy"] = float(correct.mean())
-        if len(names) > 5:
-            top5 = evaluate.topk_accuracy(got["zimg"], classifier, got["label"], k=5)
-            metrics["zeroshot_accuracy_top5"] = float(top5.mean())
-        if "novel" in got and got["novel"].any():
-            novel = got["novel"].astype(bool)
-            metrics["zeroshot_accuracy_novel"] = float(correct[novel].mean())
-            if (~novel).any():
-                metrics["zeroshot_accuracy_seen"] = float(correct[~novel].mean())
-    metrics["count"] = float(keep.sum())
-    return metrics
+    try:
+        flops_per_example = flops.per_example(config, model)
+    except ValueError:  # a tower without a formula: no FLOP metrics
+        flops_per_example = None
+    return Task(
+        name="contrastive",
+        prepared=prepared,
+        model=model,
+        init_inputs=init_inputs(config),
+        loss_fn=functools.partial(loss_fn, model, kind=config.loss.kind, impl=config.loss.impl),
+        train_dataset=functools.partial(train_dataset, config, prepared),
+        fake_batch=functools.partial(fake_batch, config, prepared),
+        flops_per_example=flops_per_example,
+        embed_images=embed_images,
+        embed_texts=embed_texts,
+        tokenize=tokenize,
+    )
