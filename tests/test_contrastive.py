@@ -11,9 +11,9 @@ import pytest
 from conftest import experiment
 from PIL import Image
 
+from vlmjax import cli, optim, tasks, train
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
-from vlmjax import optim, tasks, train
 from vlmjax.data import jsonl, shapes
 from vlmjax.data import text as text_lib
 from vlmjax.data import tokenizer as tokenizer_lib
@@ -146,6 +146,13 @@ def test_shapes_clip_learns_zero_shot_and_retrieval(data_dir, tmp_path):
     assert step == config.total_steps
     for key, value in metrics.items():
         assert again[key] == pytest.approx(value, abs=1e-6), key
+    # An eval-only file replaces the run's evaluators: the first 64 held-out scenes.
+    evals = os.path.join(ROOT, "experiments", "evals", "shapes_heldout.py") + ":quick"
+    assert cli.main(["eval", "--workdir", workdir, "--evals", evals]) == 0
+    with open(os.path.join(workdir, f"eval_{step}.json")) as f:
+        quick = json.load(f)["metrics"]
+    assert quick["eval/zeroshot/count"] == quick["eval/retrieval/images"] == 64
+    assert {"eval/fewshot/1shot_accuracy", "eval/fewshot/10shot_accuracy"} <= set(quick)
     # The word vocabulary was trained once on the captions and saved beside the data.
     saved = os.path.join(shapes.dataset_dir(data_dir, 32, 4096, 256), "word_tokenizer_caption.json")
     assert os.path.exists(saved)
