@@ -68,6 +68,24 @@ def test_sharded_clip_step_equals_single_device(data_dir, kind, impl, shape):
         assert "train/bias" in ref_metrics[0]
 
 
+@pytest.mark.parametrize("impl", ["tiled"])  # (every impl: tests/test_contrastive_accum.py)
+def test_accumulated_step_keeps_the_full_batch_loss(data_dir, impl):
+    """grad_accum_steps=4 through the train loop: the same loss and update as one step over
+    the whole batch (every pair's negatives), on 8 devices; the old per-micro-batch average
+    of 4 losses over B/4 pairs each would differ."""
+    overrides = {"batch_size": 32, "loss.impl": impl, "loss.tile": 3}
+    batches = [tasks.build(_config(data_dir, **overrides)).fake_batch(32)]
+    mesh = mesh_lib.make_mesh(2, 4, 1)
+    ref_params, ref_metrics = _run_steps(_config(data_dir, **overrides), mesh, batches)
+    accumulated = _config(data_dir, **overrides, **{"optimizer.grad_accum_steps": 4})
+    params, metrics = _run_steps(accumulated, mesh, batches)
+    np.testing.assert_allclose(metrics[0]["train/loss"], ref_metrics[0]["train/loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics[0]["train/grad_norm"], ref_metrics[0]["train/grad_norm"],
+                               rtol=1e-4)  # fmt: skip
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 def test_resnet_image_tower_step_equals_single_device(data_dir):
     """CLIP with a ResNet image tower: BatchNorm statistics over the global batch, kept in
     model_state, the same on 8 devices as on 1."""

@@ -57,7 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.label_smoothing = 0.0  # classification
     c.loss.kind = "softmax"  # contrastive: "softmax" (CLIP) | "sigmoid" (SigLIP)
-    c.loss.impl = "all_gather"  # contrastive: "all_gather" | "chunked" (ring, O(b^2) memory)
+    # contrastive: "all_gather" | "chunked" (ring, O(b^2) memory) | "tiled" (ring in tiles of
+    # `tile` columns, O(b * tile) memory); grad_accum_steps keeps the full-batch loss.
+    c.loss.impl = "all_gather"
+    c.loss.tile = 512
 
     c.optimizer = optim.default_config()
     c.optimizer.grad_accum_steps = 1  # micro-batches per step (scanned inside the jitted step)

@@ -123,13 +123,23 @@ def _microbatches(batch: dict[str, jax.Array], k: int, mesh) -> dict[str, jax.Ar
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable, tx, schedule, accum_steps: int, mesh) -> Callable:
-    """train_step(state, batch) -> (state, metrics); gradients averaged over micro-batches."""
+def make_train_step(
+    loss_fn: Callable, tx, schedule, accum_steps: int, mesh, batch_grad_fn: Callable | None = None
+) -> Callable:
+    """train_step(state, batch) -> (state, metrics).
+
+    With `accum_steps` > 1 the batch runs as that many micro-batches: `batch_grad_fn` (a
+    task's `grad_fn`: the whole batch's objective, e.g. a contrastive loss over every pair)
+    when given, else `loss_fn`'s gradients averaged over the micro-batches."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
-        if accum_steps == 1:
+        if batch_grad_fn is not None and accum_steps > 1:
+            _, metrics, grads, model_state = batch_grad_fn(
+                state.params, state.model_state, batch, rng, accum_steps
+            )
+        elif accum_steps == 1:
             (_, (metrics, model_state)), grads = grad_fn(
                 state.params, state.model_state, batch, rng
             )
@@ -188,7 +198,9 @@ def setup(config: ml_collections.ConfigDict, task: tasks.Task, mesh) -> Setup:
     init_fn, shardings, abstract = state_shardings(model, tx, task.init_inputs, mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
-    step_fn = make_train_step(task.loss_fn, tx, schedule, config.optimizer.grad_accum_steps, mesh)
+    step_fn = make_train_step(
+        task.loss_fn, tx, schedule, config.optimizer.grad_accum_steps, mesh, task.grad_fn
+    )
     return Setup(
         model=model,
         init_fn=jax.jit(init_fn, out_shardings=shardings),

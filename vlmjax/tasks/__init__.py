@@ -46,6 +46,11 @@ class Task:
     train_dataset: Callable[[int, int, int], Any]
     fake_batch: Callable[[int], Batch]  # batch_size -> random host batch shaped like real ones
     flops_per_example: float | None  # analytic training FLOPs (fwd + bwd), None: unknown
+    # (params, model_state, batch, rng, k) -> (loss, metrics, grads, model_state) of the
+    # whole global batch, run as k micro-batches, for objectives that are not a mean of
+    # per-example losses (contrastive). None: the loop averages `loss_fn`'s gradients over
+    # the k micro-batches, which is exact for per-example losses.
+    grad_fn: Callable[..., tuple[jax.Array, dict, Any, Any]] | None = None
     # Device functions that evaluators use (None where the task has no such output):
     # (variables, images) -> logits [b, C] float32.
     logits: Callable[[Any, jax.Array], jax.Array] | None = None

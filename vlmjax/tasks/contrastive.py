@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from vlmjax import config as config_lib
-from vlmjax import flops, losses
+from vlmjax import contrastive_accum, flops, losses
 from vlmjax.data import pipeline, sources
 from vlmjax.data import text as text_lib
 from vlmjax.data import tokenizer as tokenizer_lib
@@ -205,6 +205,7 @@ def loss_fn(
     *,
     kind: str,
     impl: str,
+    tile: int = losses.DEFAULT_TILE,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict]]:
     """The contrastive loss of one global batch; returns (loss, (metrics, model_state))."""
     # Non-parameter collections (a ResNet tower's BatchNorm statistics) update in training.
@@ -224,6 +225,7 @@ def loss_fn(
         kind=kind,
         impl=impl,
         mesh=jax.sharding.get_abstract_mesh(),
+        tile=tile,
     )
     metrics = dict(metrics)
     metrics["temperature"] = jnp.exp(-out["log_scale"])
@@ -250,15 +252,33 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task
         flops_per_example = flops.per_example(config, model)
     except ValueError:  # a tower without a formula: no FLOP metrics
         flops_per_example = None
+    # grad_accum_steps=k keeps the loss over all B pairs (GradCache): the towers run on k
+    # micro-batches, the loss sees every negative (vlmjax/contrastive_accum.py).
+    embed_fn, batch_loss = contrastive_accum.two_tower_fns(
+        model,
+        kind=config.loss.kind,
+        impl=config.loss.impl,
+        tile=config.loss.tile,
+        inputs=lambda batch: (normalise(batch["image"]), batch["tokens"]),
+    )
+
+    def grad_fn(params, model_state, batch, rng, k):
+        return contrastive_accum.accumulated_value_and_grad(
+            embed_fn, batch_loss, params, model_state, batch, rng, k
+        )
+
     return Task(
         name="contrastive",
         prepared=prepared,
         model=model,
         init_inputs=init_inputs(config),
-        loss_fn=functools.partial(loss_fn, model, kind=config.loss.kind, impl=config.loss.impl),
+        loss_fn=functools.partial(
+            loss_fn, model, kind=config.loss.kind, impl=config.loss.impl, tile=config.loss.tile
+        ),
         train_dataset=functools.partial(train_dataset, config, prepared),
         fake_batch=functools.partial(fake_batch, config, prepared),
         flops_per_example=flops_per_example,
+        grad_fn=grad_fn,
         embed_images=embed_images,
         embed_texts=embed_texts,
         tokenize=tokenize,
