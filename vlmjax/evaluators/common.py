@@ -41,7 +41,11 @@ def open_source(data: Data, split: str | None = None, required: tuple[str, ...] 
     path = jsonl.parse(data.cfg.source)
     if path is not None:
         return jsonl.JsonlSource(path, required=required)
-    return sources.source(data.cfg, data.split if split is None else split)
+    split = data.split if split is None else split
+    source = sources.source(data.cfg, split)
+    if not len(source):
+        raise ValueError(f"split {split!r} of {data.cfg.source!r} is empty")
+    return source
 
 
 def num_examples(source: Any, max_examples: int) -> int:
