@@ -111,6 +111,46 @@ def test_full_batch_is_the_reference_loss_not_an_average_of_smaller_ones():
     assert abs(float(np.mean(halves)) - float(ref_loss)) > 0.05, (halves, ref_loss)
 
 
+def test_resnet_tower_sees_microbatches():
+    """BatchNorm normalises each micro-batch by its own statistics (documented): the k=2
+    loss is the full-batch loss of embeddings computed micro-batch by micro-batch, and the
+    running statistics are updated once per micro-batch. Here with mesh=None (the enclosing
+    jax.set_mesh's), as a task built before the mesh would call it."""
+    resnet = dict(
+        stage_sizes=(1, 1), width=8, block="basic", stem_kernel=3, stem_stride=1,
+        stem_pool=False,
+    )  # fmt: skip
+    model = tiny_clip("softmax").clone(image_model="resnet", vision=resnet)
+    host = fake_batch()
+    mesh = mesh_lib.make_mesh(8)
+    inputs = (np.zeros((1, 16, 16, 3), np.float32), np.zeros((1, 8), np.int32))
+    variables = model.init(jax.random.PRNGKey(0), *inputs)
+    params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    embed_fn, loss_fn = contrastive_accum.two_tower_fns(model, kind="softmax", impl="chunked")
+
+    def accumulated(params, state, batch):
+        out = contrastive_accum.accumulated_value_and_grad(
+            embed_fn, loss_fn, params, state, batch, jax.random.PRNGKey(1), 2
+        )
+        return out[0], out[3]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        loss, new_state = jax.jit(accumulated)(params, state, _batch(mesh))
+
+    @jax.jit
+    def half(rows, state):
+        variables = {"params": params, **state}
+        return model.apply(variables, *rows, train=True, mutable=["batch_stats"])
+
+    first, state1 = half((host["image"][0::2], host["tokens"][0::2]), state)
+    second, state2 = half((host["image"][1::2], host["tokens"][1::2]), state1)
+    zimg = np.stack([first["zimg"], second["zimg"]], 1).reshape(32, -1)  # rows 0, 1, 2, ...
+    ztxt = np.stack([first["ztxt"], second["ztxt"]], 1).reshape(32, -1)
+    ref, _ = losses.contrastive_loss_reference(zimg, ztxt, first["log_scale"], kind="softmax")
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    _assert_trees_close(new_state, state2, rtol=1e-5)
+
+
 def test_accumulation_memory_follows_the_microbatch():
     """Temp memory of a step at B = 256 (32 rows per device): the activations of B/k."""
     mesh = mesh_lib.make_mesh(8)

@@ -47,7 +47,16 @@ EmbedFn = Callable[[Any, Any, Any, jax.Array], tuple[Any, Any, Any]]
 LossFn = Callable[[Any, Any], tuple[jax.Array, dict]]
 
 
+def _mesh(mesh):
+    """`mesh`, or where None the mesh of the enclosing `jax.set_mesh` (None outside one)."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        return None if mesh.empty else mesh
+    return mesh
+
+
 def _constrain(x, mesh, spec):
+    mesh = _mesh(mesh)
     return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -87,8 +96,8 @@ def accumulated_value_and_grad(
     """(loss, metrics, grads, model_state) of `loss_fn(*embed_fn(params, ...)[:2])` on the
     whole `batch`, with the towers run on k micro-batches (module doc). Call inside jit.
 
-    `batch` is a pytree of [B, ...] arrays sharded over the batch axes of `mesh` (None: no
-    sharding constraints, e.g. one device). k=1 is plain `jax.value_and_grad`.
+    `batch` is a pytree of [B, ...] arrays sharded over the batch axes of `mesh` (None: the
+    mesh of the enclosing `jax.set_mesh`, if any). k=1 is plain `jax.value_and_grad`.
     """
     if k < 1:
         raise ValueError(f"k={k} micro-batches: must be >= 1")
@@ -144,7 +153,7 @@ def two_tower_fns(
     *,
     kind: str,
     impl: str,
-    mesh,
+    mesh=None,
     tile: int = losses.DEFAULT_TILE,
     inputs: Callable[[Any], tuple] = lambda batch: (batch["image"], batch["tokens"]),
 ) -> tuple[EmbedFn, LossFn]:
@@ -154,7 +163,8 @@ def two_tower_fns(
 
     Metrics: the loss's, plus `temperature` (and `bias` where the model has one), as the
     contrastive task reports them. Non-parameter collections (BatchNorm statistics) are
-    mutable in `model_state`.
+    mutable in `model_state`. `mesh` None: the mesh of the enclosing `jax.set_mesh`, read
+    when the loss is traced (so the functions can be built before the mesh).
     """
 
     def embed_fn(params, model_state, batch, rng):
@@ -176,7 +186,7 @@ def two_tower_fns(
             shared["bias"],
             kind=kind,
             impl=impl,
-            mesh=mesh,
+            mesh=_mesh(mesh),
             tile=tile,
         )
         metrics = {**metrics, "temperature": jnp.exp(-shared["log_scale"])}
