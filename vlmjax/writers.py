@@ -22,20 +22,57 @@ def _scalar(value: Any) -> float | int:
     return value if isinstance(value, int) else float(value)
 
 
-class MetricWriter:
-    """Appends `{"step": s, key: value, ...}` lines to metrics.jsonl and TensorBoard scalars."""
+def drop_after(path: str, step: int) -> int:
+    """Rewrites the metrics.jsonl at `path` without records after `step` (and without a line
+    cut short by a kill); returns how many were dropped. Atomic: a temp file is renamed over."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = int(record["step"]) <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricWriter:
+    """Appends `{"step": s, key: value, ...}` lines to metrics.jsonl and TensorBoard scalars.
+
+    `resume_step` is the step training restarts from (0 for a fresh start): records written
+    after it by an earlier, interrupted invocation are dropped from metrics.jsonl, and
+    TensorBoard is told to purge its events from `resume_step + 1` on, so after any number
+    of kills and resumes every step appears once.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            dropped = drop_after(path, resume_step)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d records after step %d", dropped, resume_step)
+        self._file = open(path, "a")  # noqa: SIM115
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
         except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the record
             log.warning("tensorboardX is not installed: writing metrics.jsonl only")
 
@@ -53,10 +90,31 @@ class MetricWriter:
                 self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled or self._file.closed:
+            return
+        tb, self._tb = self._tb, None
+        try:
             self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+        finally:
+            if tb is not None:
+                _close_tensorboard(tb)
+
+
+def _close_tensorboard(tb) -> None:
+    """Closes a tensorboardX SummaryWriter; on a failed final flush (a full disk) it warns
+    instead. tensorboardX then leaves its event writer half open, and its worker thread and
+    atexit hook print tracebacks at exit: both are stopped here (tensorboardX 2.6 internals,
+    hence the getattrs)."""
+    events = getattr(getattr(tb, "file_writer", None), "event_writer", None)
+    try:
+        tb.close()
+    except OSError as e:  # metrics.jsonl is the record; TensorBoard files a convenience
+        log.warning("tensorboard events not flushed: %s", e)
+        if events is not None and not getattr(events, "_closed", True):
+            worker = getattr(events, "_worker", None)
+            if worker is not None and worker.is_alive():
+                worker.stop()
+            events._closed = True
 
 
 class Progress:
