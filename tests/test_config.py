@@ -79,3 +79,45 @@ def test_cli_reports_bad_key(capsys, tmp_path):
     )
     assert code == 2
     assert "did you mean 'model.width'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.warmup_steps=5000", r"warmup_steps=5000 is longer than the run"),
+        ("dtype=float17", r"dtype='float17' is not valid; did you mean 'float16'"),
+        ("data.source=shapez", r"data.source='shapez' is not prepared .*did you mean 'shapes'"),
+        ("data.image_size=0", r"data.image_size=0 must be >= 1"),
+        ("keep_checkpoints=0", r"keep_checkpoints=0 must be >= 1"),
+        ("optimizer.learning_rate=-0.001", r"learning_rate=-0.001 must be >= 0"),
+        ("optimizer.name=adam", r"did you mean 'adamw'"),
+        ("mesh.fsdp=0", r"mesh.fsdp=0 must be -1"),
+    ],
+)
+def test_out_of_range_and_misspelt_values_are_refused(override, message, tmp_path):
+    key, value = override.split("=")
+    config = config_lib.load_with_overrides(VIT, [(key, value), ("data.data_dir", str(tmp_path))])
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_cli_refuses_bad_values_in_one_line(capsys, tmp_path):
+    argv = ["train", "--config", VIT, "--workdir", str(tmp_path / "w")]
+    argv += ["--config.keep_checkpoints=0", "--config.dtype=float17"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "keep_checkpoints=0" in err[0] and "'float16'" in err[0]
+    assert not os.path.exists(tmp_path / "w")  # refused before anything was made
+
+
+def test_workdir_config_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"batch_size": 64,')
+    with pytest.raises(config_lib.ConfigError, match=f"{path} is not valid JSON"):
+        config_lib.load_workdir(str(tmp_path))
+    path.write_text('{"batch_size": "64", "optimizer": {"learning_rate": -1}}')
+    with pytest.raises(config_lib.ConfigError, match=f"{path}: batch_size='64' must be an int"):
+        config_lib.load_workdir(str(tmp_path))
+    path.write_text("[1, 2]")
+    with pytest.raises(config_lib.ConfigError, match="holds a list"):
+        config_lib.load_workdir(str(tmp_path))

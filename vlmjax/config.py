@@ -191,8 +191,18 @@ def load_workdir(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist: is {workdir!r} a vlmjax workdir?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} holds a {type(values).__name__}, not a config object")
+    config = ml_collections.ConfigDict(values)
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     config.lock()
     return config
 
@@ -230,3 +240,141 @@ def replace_evals(config: ml_collections.ConfigDict, spec: str) -> None:
         raise ConfigError(f"{path}:get_config must return a non-empty ConfigDict of evaluators")
     with config.unlocked():
         config.evals = ml_collections.ConfigDict(dict(evals))
+
+
+# --- validation: ranges, choices and types, before anything is built ---------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# key: (kind, low, high, low inclusive, high inclusive); checked when the config has the key.
+RANGES: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
+    "total_steps": (int, 1, None, True, False),
+    "batch_size": (int, 1, None, True, False),
+    "eval_batch_size": (int, 1, None, True, False),
+    "log_every": (int, 1, None, True, False),
+    "eval_every": (int, 0, None, True, False),
+    "checkpoint_every": (int, 0, None, True, False),
+    "keep_checkpoints": (int, 1, None, True, False),
+    "data.image_size": (int, 1, None, True, False),
+    "data.num_threads": (int, 1, None, True, False),
+    "data.prefetch": (int, 0, None, True, False),
+    "data.num_train": (int, 1, None, True, False),
+    "data.num_heldout": (int, 1, None, True, False),
+    "data.eval_crop_fraction": (float, 0, 1, False, True),
+    "optimizer.learning_rate": (float, 0, None, True, False),
+    "optimizer.warmup_steps": (int, 0, None, True, False),
+    "optimizer.end_learning_rate_factor": (float, 0, None, True, False),
+    "optimizer.weight_decay": (float, 0, None, True, False),
+    "optimizer.b1": (float, 0, 1, True, False),
+    "optimizer.b2": (float, 0, 1, True, False),
+    "optimizer.eps": (float, 0, None, False, False),
+    "optimizer.momentum": (float, 0, 1, True, True),
+    "optimizer.grad_clip_norm": (float, 0, None, True, False),  # 0 or None: off
+    "optimizer.grad_accum_steps": (int, 1, None, True, False),
+    "loss.label_smoothing": (float, 0, 1, True, False),
+}
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict | dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _range_problem(key: str, value: Any, spec) -> str | None:
+    kind, low, high, low_in, high_in = spec
+    if value is None and key == "optimizer.grad_clip_norm":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}"
+    if kind is int and not isinstance(value, int):
+        return f"{key}={value!r} must be an integer"
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"{key}={value!r} must be finite"
+    if low is not None and (value < low or (value == low and not low_in)):
+        return f"{key}={value!r} must be {'>=' if low_in else '>'} {low}"
+    if high is not None and (value > high or (value == high and not high_in)):
+        return f"{key}={value!r} must be {'<=' if high_in else '<'} {high}"
+    return None
+
+
+def _choice_problem(key: str, value: Any, choices: Iterable[str]) -> str | None:
+    choices = list(choices)
+    if value in choices:
+        return None
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else "one of: " + ", ".join(choices)
+    return f"{key}={value!r} is not valid; {hint}"
+
+
+def _source_problem(data: Any) -> str | None:
+    """A `data.source` that is neither the embedded set, a jsonl file, nor a tfds dataset
+    prepared under data_dir but close to one of those: a typo, named as such."""
+    source = data.get("source")
+    if not isinstance(source, str) or not source:
+        return f"data.source={source!r} must be 'shapes', 'jsonl:PATH' or a tfds name"
+    if source == "shapes" or source.startswith("jsonl:") or source.endswith(".jsonl"):
+        return None
+    name = source.removeprefix("tfds:").split("/")[0].split(":")[0]
+    data_dir = data.get("data_dir") or os.environ.get(
+        "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
+    )
+    prepared = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    if name in prepared:
+        return None
+    close = difflib.get_close_matches(name, ["shapes", *prepared], n=1, cutoff=0.7)
+    if close:
+        return (
+            f"data.source={source!r} is not prepared under {data_dir}; did you mean '{close[0]}'?"
+        )
+    return None  # perhaps a real tfds dataset not prepared yet: the data layer says how
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError listing every key out of range, of the wrong type or not one of
+    its choices (with did-you-mean), so a bad value fails before anything is built rather
+    than as a traceback (or a NaN loss) later. Keys the config lacks are not checked."""
+    from vlmjax import optim
+
+    problems = []
+    for key, spec in RANGES.items():
+        present, value = _lookup(config, key)
+        if present and (problem := _range_problem(key, value, spec)):
+            problems.append(problem)
+    present_total, total = _lookup(config, "total_steps")
+    present_warm, warmup = _lookup(config, "optimizer.warmup_steps")
+    if (
+        present_total
+        and present_warm
+        and isinstance(total, int)
+        and isinstance(warmup, int)
+        and warmup > total
+    ):
+        problems.append(
+            f"optimizer.warmup_steps={warmup} is longer than the run (total_steps={total})"
+        )
+    for axis in ("data", "fsdp", "tensor"):
+        present, value = _lookup(config, f"mesh.{axis}")
+        if present and (
+            not isinstance(value, int) or isinstance(value, bool) or value == 0 or value < -1
+        ):
+            problems.append(f"mesh.{axis}={value!r} must be -1 (all remaining devices) or >= 1")
+    choices = {
+        "dtype": DTYPES,
+        "model.dtype": DTYPES,
+        "optimizer.name": optim.OPTIMIZERS,
+        "optimizer.schedule": optim.SCHEDULES,
+    }
+    for key, options in choices.items():
+        present, value = _lookup(config, key)
+        if present and (problem := _choice_problem(key, value, options)):
+            problems.append(problem)
+    present, data = _lookup(config, "data")
+    if present and isinstance(data, ml_collections.ConfigDict | dict):
+        if problem := _source_problem(data):
+            problems.append(problem)
+    if problems:
+        raise ConfigError("; ".join(problems))
