@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from vlmjax import config as config_lib
 from vlmjax import sweep
@@ -25,6 +26,9 @@ from vlmjax import sweep
 log = logging.getLogger("vlmjax")
 
 PREEMPTED = 143  # exit status of a run stopped by SIGTERM with a checkpoint (128 + SIGTERM)
+FAILED = 1  # a run that failed (non-finite loss, full disk, a crash): see the one error line
+USAGE = 2  # a config, mesh, workdir or checkpoint the user must fix
+ERROR_LOG = "error.log"  # WORKDIR/error.log: the full traceback of each failure, appended
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +36,9 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator_address", help="host:port of process 0")
     group.add_argument("--num_processes", type=int)
     group.add_argument("--process_id", type=int)
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the full traceback of a failure"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +87,47 @@ def _setup_logging(is_main: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's own ERROR records (with tracebacks) of a failed background save: the
+    failure surfaces as the run's exception, named in its one error line (--verbose keeps
+    them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _quiet_background_noise() -> None:
+    """After a failed async save, TensorStore's pending writes complete into orbax's closed
+    event loop, and each prints a "RuntimeError: Event loop is closed" traceback through
+    sys.excepthook (up to 96 of them in issue 12, burying the cause). Those, and only
+    those, are dropped."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
+
+    import threading
+
+    from vlmjax import checkpoint
+
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args):
+        # A full disk also kills background writers (TensorBoard's flush thread): one line.
+        if args.exc_value is not None and checkpoint.is_disk_full(args.exc_value):
+            name = args.thread.name if args.thread else "?"
+            log.warning("background thread %s: %s", name, args.exc_value)
+            return
+        previous_thread_hook(args)
+
+    threading.excepthook = thread_hook
+
+
 def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
 
@@ -113,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmjax: error: {e}", file=sys.stderr)
         return 2
     _setup_logging(cluster.process_id == 0)
+    if not args.verbose:
+        _quiet_background_noise()
     try:
         if args.command == "train":
             config = config_lib.load_with_overrides(args.config, overrides)
+            config_lib.validate(config)  # ranges and names, before JAX starts
         else:
             config = config_lib.load_workdir(args.workdir)
             if args.evals:
@@ -129,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from vlmjax import checkpoint, mesh, train
+    from vlmjax import checkpoint, lock, mesh, train
 
     try:
         # The mesh must fit the processes the scheduler started (names both the mesh.* keys
@@ -154,10 +205,48 @@ def main(argv: list[str] | None = None) -> int:
     except train.Preempted as e:
         print(f"vlmjax: {e}", file=sys.stderr)
         return PREEMPTED
-    except (config_lib.ConfigError, mesh.MeshError, checkpoint.CheckpointError) as e:
-        print(f"vlmjax: error: {e}", file=sys.stderr)
-        return 2
+    except (
+        config_lib.ConfigError,
+        mesh.MeshError,
+        checkpoint.CheckpointError,
+        lock.WorkdirLocked,
+    ) as e:
+        return _fail(e, args, USAGE, traceback_too=isinstance(e, checkpoint.DiskFull))
+    except KeyboardInterrupt:
+        print("vlmjax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for any failure; the traceback is logged
+        return _fail(e, args, FAILED, traceback_too=True)
     return 0
+
+
+def _fail(e: BaseException, args: argparse.Namespace, status: int, traceback_too: bool) -> int:
+    """Prints one `vlmjax: error: ...` line with the cause; the traceback goes to
+    WORKDIR/error.log (and to stderr with --verbose). Returns `status`."""
+    import traceback
+
+    from vlmjax import checkpoint
+
+    message = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, config_lib.ConfigError | RuntimeError | FloatingPointError):
+        message = f"{type(e).__name__}: {message}"  # e.g. FileNotFoundError: ...
+    if checkpoint.is_disk_full(e) and not isinstance(e, checkpoint.DiskFull):
+        message = f"the disk is full: {message}"
+    where = ""
+    if traceback_too:
+        text = "".join(traceback.format_exception(e))
+        if args.verbose:
+            print(text, file=sys.stderr, end="")
+        path = os.path.join(args.workdir, ERROR_LOG)
+        try:
+            if os.path.isdir(args.workdir):
+                with open(path, "a") as f:
+                    f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{text}")
+                where = f" (traceback in {path})"
+        except OSError:  # e.g. the full disk itself
+            pass
+    print(f"vlmjax: error: {message}{where}", file=sys.stderr)
+    return status
 
 
 def _generate(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:

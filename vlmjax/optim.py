@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.nesterov = False
     c.grad_clip_norm = 1.0  # global-norm clipping, first in the chain; 0 or None = off
+    # Drop the update of a step whose loss or gradient norm is inf/NaN (counted in
+    # train/skipped_steps) instead of stopping the run; applied around the step (train.py).
+    c.skip_nonfinite = False
     c.wd_params = r"(.*/)?(kernel|embedding)"  # re.fullmatch on the param path
     c.decay_pos_embedding = False
     c.frozen = ""  # regex of params whose updates are zeroed; "" = nothing frozen

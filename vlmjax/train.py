@@ -7,6 +7,7 @@ names the evaluators (`vlmjax/evaluators/`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmjax import checkpoint, evaluators, mfu, optim, tasks, writers
+from vlmjax import checkpoint, evaluators, lock, mfu, optim, tasks, writers
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import pipeline, sources
@@ -290,26 +291,145 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            old = new  # the new config is the record from now on
+            log.warning("%s is unreadable (%s); the new config is recorded", path, e)
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             log.warning("config differs from %s in %s; the new one is recorded", path, changed)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # a kill mid-write leaves the old file, not half a new one
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Errors for settings no run can use, before anything is compiled."""
-    for key in ("total_steps", "batch_size", "eval_batch_size", "log_every"):
-        if config[key] <= 0:
-            raise config_lib.ConfigError(f"{key}={config[key]} must be positive")
+    """Errors for settings no run can use, before anything is built (see
+    `config.validate`: ranges, choices, types)."""
+    config_lib.validate(config)
     accum = config.optimizer.grad_accum_steps
-    if accum < 1 or config.batch_size % accum:
+    if config.batch_size % accum:
         raise config_lib.ConfigError(
-            f"optimizer.grad_accum_steps={accum} must be >= 1 and divide "
-            f"batch_size={config.batch_size}"
+            f"optimizer.grad_accum_steps={accum} must divide batch_size={config.batch_size}"
         )
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss, gradient norm or parameter norm became inf/NaN; nothing after it was saved."""
+
+
+def guard_finite(run: Setup, skip_nonfinite: bool) -> Callable:
+    """`run.train_step` with a finiteness check on device:
+    (state, batch, health) -> (state, metrics, health).
+
+    `health` = {"first_nonfinite": int32, the first step whose loss, gradient norm or
+    parameter norm was inf/NaN (0: none yet), "skipped": int32, steps skipped}. It stays on
+    device: the loop reads it only where it reads metrics anyway (log steps) and before a
+    checkpoint is written, so a non-finite state is never saved and no step adds a host
+    sync. With `skip_nonfinite`, such a step's update is dropped instead (params, optimizer
+    and model state stay as they were; the step counter, hence data and RNG, moves on) and
+    counted. One jit around the step: the wrapped jit is inlined, so this is one program.
+    """
+    rep = mesh_lib.replicated(run.batch_sharding.mesh)
+
+    def step(state: TrainState, batch, health):
+        new, metrics = run.train_step(state, batch)
+        finite = (
+            jnp.isfinite(metrics["train/loss"])
+            & jnp.isfinite(metrics["train/grad_norm"])
+            & jnp.isfinite(metrics["train/param_norm"])
+        )
+        first, skipped = health["first_nonfinite"], health["skipped"]
+        if skip_nonfinite:
+            kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+            new = kept.replace(step=new.step)
+            skipped = skipped + jnp.logical_not(finite).astype(jnp.int32)
+        else:
+            first = jnp.where((first == 0) & jnp.logical_not(finite), new.step, first)
+        return new, metrics, {"first_nonfinite": first, "skipped": skipped}
+
+    return jax.jit(
+        step,
+        in_shardings=(run.shardings, run.batch_sharding, rep),
+        out_shardings=(run.shardings, rep, rep),
+        donate_argnums=(0, 2),
+    )
+
+
+def _check_finite(health, mngr, step: int) -> None:
+    """Raises NonFiniteError if `health` (host values) saw a non-finite step."""
+    first = int(health["first_nonfinite"])
+    if not first:
+        return
+    mngr.wait_until_finished()  # the save in flight is of a finite state: let it land
+    good = mngr.latest_step()
+    where = (
+        f"the newest finite checkpoint is step {good} ({mngr.directory}/{good}), where "
+        "rerunning the same command resumes"
+        if good is not None
+        else "no checkpoint was saved yet, so rerunning starts afresh"
+    )
+    raise NonFiniteError(
+        f"train/loss (or the gradient norm) first became non-finite at step {first} (found at "
+        f"step {step}); nothing after it was saved: {where}. Lower optimizer.learning_rate, "
+        "set optimizer.grad_clip_norm, or set optimizer.skip_nonfinite=true to skip such steps."
+    )
+
+
+@contextlib.contextmanager
+def _hold_workdir(workdir: str):
+    """WORKDIR/LOCK for the run (see lock.py): taken by process 0; every process fails
+    together, naming the holder, if it is held."""
+    held, error = None, ""
+    if jax.process_index() == 0:
+        try:
+            held = lock.WorkdirLock(workdir)
+            held.acquire()
+        except lock.WorkdirLocked as e:
+            held, error = None, str(e)
+    if jax.process_count() > 1:
+        ok = multihost_utils.broadcast_one_to_all(np.int32(not error))
+        if not ok and not error:
+            error = f"process 0 could not take the lock of workdir {workdir} (see its log)"
+    if error:
+        raise lock.WorkdirLocked(error)
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _save(mngr, step: int, state, data, in_flight: int | None) -> None:
+    """checkpoint.save, with orbax's errors (the previous async save's surface here) named
+    by the save that hit them; a full disk as such."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise checkpoint.save_failed(mngr, in_flight, e) from e
+    try:
+        checkpoint.save(mngr, step, state, data)
+    except Exception as e:
+        raise checkpoint.save_failed(mngr, step, e) from e
+
+
+def _close(mngr, in_flight: int | None, *closables) -> None:
+    """After an exception: the save in flight (of a finite state) is finished rather than
+    abandoned, then everything is closed; errors here are logged, never raised over the
+    original one."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s", checkpoint.save_failed(mngr, in_flight, e))
+    for closable in (mngr, *closables):
+        try:
+            if closable is not None:
+                closable.close()
+        except Exception as e:  # noqa: BLE001
+            log.warning("while closing %s: %s: %s", type(closable).__name__, type(e).__name__, e)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -322,7 +442,9 @@ def train(
 
     `stop_at` ends this invocation after that step, with a checkpoint, as a job with a time
     limit would; running again resumes exactly there. A SIGTERM stops at the next step
-    boundary with a checkpoint and raises `Preempted`.
+    boundary with a checkpoint and raises `Preempted`. The workdir is locked for the run
+    (`lock.py`); a state whose loss went inf/NaN is never saved (`guard_finite`); on any
+    exception the save in flight is finished and everything is closed before it propagates.
     """
     check_config(config)
     is_main = jax.process_index() == 0
@@ -340,7 +462,8 @@ def train(
         "mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count()
     )
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+    # One live run per workdir, taken before anything is written there.
+    with _hold_workdir(workdir), jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
         # Data first (built once, a no-op later): the task is prepared from it (a
         # vocabulary, trained on the first start and kept in the workdir for later ones).
         sources.prepare(config.data)
@@ -348,97 +471,126 @@ def train(
         task = tasks.build(config, workdir)
         # Every evaluator is checked (its data opened) before anything trains.
         evals = evaluators.build(config, task, mesh)
-        # Optimizer, shardings and the jitted init and train step.
+        # Optimizer, shardings and the jitted init and train step, checked for finiteness.
         run = setup(config, task, mesh)
+        train_step = guard_finite(run, config.optimizer.skip_nonfinite)
 
-        # Init, or resume from the latest checkpoint in the workdir.
+        # Init, or resume from the newest checkpoint that verifies (damaged ones are moved
+        # aside to checkpoints/<step>.corrupt with a warning).
         if is_main:
             _write_config(config, workdir)
         mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
-        examples = 0  # position in the global input stream
-        if mngr.latest_step() is not None:
-            target = checkpoint.abstract(run.abstract, run.shardings)
-            state, data = checkpoint.restore(mngr, target, with_data=True)
-            examples = data["examples"]
-            log.info("resumed from step %d in %s", int(state.step), workdir)
-        else:
-            state = run.init_fn(jax.random.PRNGKey(config.seed))
-            if config.init_from:
-                state = _init_from(config, run, state)
-
-        # Data: this process's rows of each global batch, from the resume position on.
-        train_iter = iter(task.train_dataset(jax.process_index(), jax.process_count(), examples))
-        num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
-        log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
-        # Analytic training FLOPs, for train/tflops_per_device and train/mfu (None: unknown).
-        flops_per_example = task.flops_per_example
-
-        writer = writers.MetricWriter(workdir, enabled=is_main)
-        first = int(state.step)
-        progress = writers.Progress(config.total_steps, first, enabled=is_main)
-        eval_metrics: dict[str, float] = {}
-        last_time, last_step = time.time(), first
-        last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
-        preempted = False
-        with Preemption() as preemption:
-            for step in range(first + 1, last + 1):
-                batch = pipeline.to_global(next(train_iter), run.batch_sharding)
-                state, metrics = run.train_step(state, batch)
-                examples += config.batch_size
-
-                if step % config.log_every == 0 or step == config.total_steps:
-                    metrics = jax.device_get(metrics)
-                    now = time.time()
-                    metrics["train/examples_per_sec"] = (
-                        (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+        writer = progress = None
+        in_flight = None  # the step of the last save started (async: may still be writing)
+        try:
+            examples = 0  # position in the global input stream
+            restored = None
+            if mngr.latest_step() is not None:
+                target = checkpoint.abstract(run.abstract, run.shardings)
+                restored = checkpoint.restore_latest(mngr, target)
+                if restored is None:
+                    raise checkpoint.CheckpointError(
+                        f"every checkpoint in {mngr.directory} is damaged (moved aside to "
+                        "<step>.corrupt); rerun the same command to start afresh"
                     )
-                    last_time, last_step = now, step
-                    if flops_per_example:
-                        metrics.update(
-                            mfu.train_flops_summary(
-                                flops_per_example,
-                                metrics["train/examples_per_sec"],
-                                jax.device_count(),
-                                jax.devices()[0].device_kind,
+            if restored is not None:
+                state, data = restored
+                examples = data["examples"]
+                log.info("resumed from step %d in %s", int(state.step), workdir)
+            else:
+                state = run.init_fn(jax.random.PRNGKey(config.seed))
+                if config.init_from:
+                    state = _init_from(config, run, state)
+            rep = mesh_lib.replicated(mesh)
+            health = jax.device_put({"first_nonfinite": np.int32(0), "skipped": np.int32(0)}, rep)
+
+            # Data: this process's rows of each global batch, from the resume position on.
+            train_iter = iter(
+                task.train_dataset(jax.process_index(), jax.process_count(), examples)
+            )
+            num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
+            log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
+            # Analytic training FLOPs, for train/tflops_per_device and train/mfu (None: unknown).
+            flops_per_example = task.flops_per_example
+
+            first = int(state.step)
+            # Records an interrupted invocation wrote after `first` are dropped: each step once.
+            writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=first)
+            progress = writers.Progress(config.total_steps, first, enabled=is_main)
+            eval_metrics: dict[str, float] = {}
+            last_time, last_step = time.time(), first
+            last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
+            preempted = False
+            with Preemption() as preemption:
+                for step in range(first + 1, last + 1):
+                    batch = pipeline.to_global(next(train_iter), run.batch_sharding)
+                    state, metrics, health = train_step(state, batch, health)
+                    examples += config.batch_size
+
+                    if step % config.log_every == 0 or step == config.total_steps:
+                        metrics, host_health = jax.device_get((metrics, health))
+                        _check_finite(host_health, mngr, step)
+                        try:  # a failed async save surfaces here, not at the next save
+                            mngr.check_for_errors()
+                        except Exception as e:
+                            raise checkpoint.save_failed(mngr, in_flight, e) from e
+                        if config.optimizer.skip_nonfinite:
+                            metrics["train/skipped_steps"] = int(host_health["skipped"])
+                        now = time.time()
+                        metrics["train/examples_per_sec"] = (
+                            (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+                        )
+                        last_time, last_step = now, step
+                        if flops_per_example:
+                            metrics.update(
+                                mfu.train_flops_summary(
+                                    flops_per_example,
+                                    metrics["train/examples_per_sec"],
+                                    jax.device_count(),
+                                    jax.devices()[0].device_kind,
+                                )
                             )
+                        writer.write(step, metrics)
+                        progress.update(step, metrics)
+                    else:
+                        progress.update(step)
+
+                    due = evaluators.run(evals, state, step, config.total_steps)
+                    if due:
+                        eval_metrics.update(due)
+                        writer.write(step, due)
+                        progress.update(step, due)
+                        last_time = time.time()  # keep eval time out of the throughput figure
+
+                    preempted = preemption.reached(step)
+                    if (
+                        (config.checkpoint_every and step % config.checkpoint_every == 0)
+                        or step == last
+                        or preempted
+                    ):
+                        # Never save a non-finite state: retention would then delete the
+                        # good steps (issue 12). One host read per checkpoint.
+                        _check_finite(jax.device_get(health), mngr, step)
+                        _save(mngr, step, state, {"examples": examples}, in_flight)
+                        in_flight = step
+                    if preempted:
+                        log.warning(
+                            "preempted: stopped after step %d with a checkpoint; rerun the "
+                            "same command to resume",
+                            step,
                         )
-                    if not np.isfinite(metrics["train/loss"]):
-                        raise FloatingPointError(
-                            f"train/loss is {metrics['train/loss']} at step {step}; lower "
-                            "optimizer.learning_rate or set optimizer.grad_clip_norm. The last "
-                            "checkpoint is kept."
-                        )
-                    writer.write(step, metrics)
-                    progress.update(step, metrics)
-                else:
-                    progress.update(step)
+                        break
 
-                due = evaluators.run(evals, state, step, config.total_steps)
-                if due:
-                    eval_metrics.update(due)
-                    writer.write(step, due)
-                    progress.update(step, due)
-                    last_time = time.time()  # keep eval time out of the throughput figure
-
-                preempted = preemption.reached(step)
-                if (
-                    (config.checkpoint_every and step % config.checkpoint_every == 0)
-                    or step == last
-                    or preempted
-                ):
-                    checkpoint.save(mngr, step, state, {"examples": examples})
-                if preempted:
-                    log.warning(
-                        "preempted: stopped after step %d with a checkpoint; rerun the same "
-                        "command to resume",
-                        step,
-                    )
-                    break
-
-        if not eval_metrics and not preempted:
-            # E.g. resumed a finished run: evaluate the state so the caller gets numbers.
-            eval_metrics = evaluators.run(evals, state)
-        mngr.wait_until_finished()
+            if not eval_metrics and not preempted:
+                # E.g. resumed a finished run: evaluate the state so the caller gets numbers.
+                eval_metrics = evaluators.run(evals, state)
+            try:
+                mngr.wait_until_finished()
+            except Exception as e:
+                raise checkpoint.save_failed(mngr, in_flight, e) from e
+        except BaseException:
+            _close(mngr, in_flight, progress, writer)
+            raise
         mngr.close()
         progress.close()
         writer.close()
