@@ -170,3 +170,50 @@ def test_full_disk_is_one_clean_line_and_keeps_earlier_steps(
     assert "the earlier checkpoints are kept ([" in errors[0]
     assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
     assert len([k for k in kept if k.isdigit()]) >= 2, kept  # the earlier steps are kept
+
+
+def test_killed_process_ends_the_other_within_the_heartbeat_timeout(tmp_path, data_dir):
+    """2 processes x 1 CPU device; process 1 is killed mid-run: process 0 must not hang in
+    the step's collectives but exit non-zero, naming the cause, within the heartbeat
+    timeout (VLMJAX_HEARTBEAT_TIMEOUT, 10 s here; JAX's default is 100 s)."""
+    workdir = str(tmp_path / "run")
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        VLMJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port.getsockname()[1]}",
+        VLMJAX_NUM_PROCESSES="2",
+        VLMJAX_HEARTBEAT_TIMEOUT="10",
+    )
+    port.close()
+    cmd = [sys.executable, "-m", "vlmjax.cli"]
+    cmd += _args(workdir, data_dir, total_steps=100000, log_every=1, checkpoint_every=5)
+    cmd += ["--config.eval_every=0"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**env, "VLMJAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 180
+        while len(_train_steps(workdir)) < 3:
+            assert all(p.poll() is None for p in procs) and time.time() < deadline
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        output, _ = procs[0].communicate(timeout=60)
+        waited = time.time() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.stdout.close()
+    assert procs[0].returncode != 0
+    assert waited < 10 + 20, waited  # the timeout, plus the coordination service's polling
+    assert "another task died" in output, output[-3000:]

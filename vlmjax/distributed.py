@@ -11,6 +11,10 @@ In order of precedence:
    GPU of that number on its node;
 3. Cloud TPU VM pods: more than one worker host; JAX reads the TPU metadata itself;
 4. otherwise a single process, and nothing is initialised.
+
+If one process dies, JAX's coordination service ends the others once its heartbeats stop,
+after VLMJAX_HEARTBEAT_TIMEOUT seconds (default 100, JAX's), rather than leaving them hung
+in a collective.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ log = logging.getLogger("vlmjax")
 ENV_ADDRESS = "VLMJAX_COORDINATOR_ADDRESS"
 ENV_NUM = "VLMJAX_NUM_PROCESSES"
 ENV_ID = "VLMJAX_PROCESS_ID"
+ENV_HEARTBEAT = "VLMJAX_HEARTBEAT_TIMEOUT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,10 +210,26 @@ def initialize(cluster: Cluster) -> None:
         cluster.coordinator_address or "auto",
         cluster.source or "the environment",
     )
+    # A process that dies is noticed by the coordination service when its heartbeats stop;
+    # it then ends every other process (instead of leaving them hung in a collective).
+    timeouts = {"heartbeat_timeout_seconds": heartbeat_timeout()}
     if cluster.kind in ("explicit", "slurm"):
         # Under SLURM, JAX still picks the local GPU (local_device_ids) from SLURM_LOCALID.
         jax.distributed.initialize(
-            cluster.coordinator_address, cluster.num_processes, cluster.process_id
+            cluster.coordinator_address, cluster.num_processes, cluster.process_id, **timeouts
         )
     else:  # JAX's cluster detection covers TPU VMs, local device ids included.
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
+
+
+def heartbeat_timeout(env: Mapping[str, str] = os.environ) -> int:
+    """Seconds without a heartbeat after which a process counts as dead:
+    VLMJAX_HEARTBEAT_TIMEOUT, default JAX's 100."""
+    text = env.get(ENV_HEARTBEAT, "100")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{ENV_HEARTBEAT}={text!r} must be a whole number of seconds >= 1")
+    return value
