@@ -102,12 +102,15 @@ def _quiet_background_noise() -> None:
     sys.excepthook (up to 96 of them in issue 12, burying the cause). Those, and only
     those, are dropped."""
     previous = sys.excepthook
+    if getattr(previous, "vlmjax_quiet", False):  # installed by an earlier main() call
+        return
 
     def hook(kind, value, tb):
         if kind is RuntimeError and str(value) == "Event loop is closed":
             return
         previous(kind, value, tb)
 
+    hook.vlmjax_quiet = True
     sys.excepthook = hook
     logging.getLogger("absl").addFilter(_OrbaxErrors())
 
