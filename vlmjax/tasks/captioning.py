@@ -14,7 +14,8 @@ EOS; the loss is next-token prediction on the target and its EOS only
 (`losses.next_token_loss`).
 Each global step takes exactly `batch_size` examples (so the data position stays "examples
 consumed", as for every task) and packs them, longest first, into a fixed `data.pack_rows`
-rows of `data.seq_len` tokens (`pack_rows = 0`: one example per row), with segment ids and
+rows of `data.seq_len` tokens (rounded up to split over the processes and batch shards;
+`pack_rows = 0`: one example per row), with segment ids and
 per-segment positions; attention never crosses segments. A batch that does not fit is an
 error naming the settings to change. `train/packing_efficiency` (real tokens / all tokens)
 is logged with the loss.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -209,12 +211,17 @@ def record_texts(record: dict, fields: Sequence[str]) -> list[str]:
     return [text_lib.as_str(record[f]) for f in fields]
 
 
-def rows_per_batch(settings: Settings, batch_size: int, num_examples: int) -> int:
+def rows_per_batch(
+    settings: Settings, batch_size: int, num_examples: int, multiple: int = 1
+) -> int:
     """Rows that `num_examples` examples (a share of the global `batch_size`) are packed
-    into."""
+    into: their share of `data.pack_rows`, rounded up to a multiple of `multiple` (the
+    global rows must split over the processes, batch shards and micro-batches; spare rows
+    are only padding, never a change of the step's examples or loss)."""
     if not settings.pack_rows:
         return num_examples
-    return settings.pack_rows * num_examples // batch_size
+    total = -(-settings.pack_rows // multiple) * multiple
+    return total * num_examples // batch_size
 
 
 def pack_examples(
@@ -240,19 +247,20 @@ def pack_examples(
         ) from None
 
 
-def _check_rows(config: ml_collections.ConfigDict, settings: Settings, process_count: int) -> None:
-    """The packed rows must split evenly over processes, batch shards and micro-batches."""
-    rows = settings.pack_rows or config.batch_size
+def _row_multiple(config: ml_collections.ConfigDict, settings: Settings, process_count: int):
+    """What the global packed rows must be a multiple of: the processes, and the batch
+    shards (data * fsdp) times the micro-batches. `data.pack_rows` is rounded up to it."""
     mesh = jax.sharding.get_abstract_mesh()
-    shards = 1
-    if not mesh.empty:
-        shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    accum = config.optimizer.grad_accum_steps
-    if settings.pack_rows and (rows % process_count or rows % (shards * accum)):
-        raise config_lib.ConfigError(
-            f"data.pack_rows={rows} must be divisible by the {process_count} processes and by "
-            f"the batch shards (data*fsdp={shards}) times optimizer.grad_accum_steps={accum}"
-        )
+    shards = 1 if mesh.empty else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    multiple = math.lcm(process_count, shards * config.optimizer.grad_accum_steps)
+    rows = settings.pack_rows
+    if rows and rows % multiple:
+        log.info(
+            "data.pack_rows=%d rounded up to %d: rows split over %d processes, %d batch "
+            "shards x %d micro-batches", rows, -(-rows // multiple) * multiple, process_count,
+            shards, config.optimizer.grad_accum_steps,
+        )  # fmt: skip
+    return multiple
 
 
 def train_dataset(
@@ -269,7 +277,7 @@ def train_dataset(
     same examples whatever the process count; each chunk is laid out and packed here.
     """
     data, settings = config.data, prepared.settings
-    _check_rows(config, settings, process_count)
+    multiple = _row_multiple(config, settings, process_count)
     tok, spec = prepared.tokenizer, prepared.layout
     source = _source(data, data.train_split)
     per_process = config.batch_size // process_count
@@ -290,7 +298,7 @@ def train_dataset(
             prompt, target = record_texts(record, RECORD_FIELDS)
         return fl.layout(image, text_ids(tok, prompt), text_ids(tok, target), spec)
 
-    rows = rows_per_batch(settings, config.batch_size, per_process)
+    rows = rows_per_batch(settings, config.batch_size, per_process, multiple)
 
     def pack(sequences):
         return pack_examples(sequences, rows, settings.seq_len, spec.tokens.pad)
@@ -325,7 +333,9 @@ def fake_batch(
         )
         for _ in range(batch_size)
     ]
-    rows = rows_per_batch(settings, config.batch_size, batch_size)
+    rows = rows_per_batch(
+        settings, config.batch_size, batch_size, _row_multiple(config, settings, 1)
+    )
     return pack_examples(sequences, rows, settings.seq_len, spec.tokens.pad)
 
 
