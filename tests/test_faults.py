@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from vlmjax import checkpoint, cli, train
+from vlmjax import checkpoint, cli, finite, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "shapes_vit.py") + ":tiny"
@@ -51,7 +51,7 @@ def test_nonfinite_state_is_never_saved_and_the_good_step_survives(tmp_path, tin
     train.train(tiny_config(base), workdir, stop_at=2)
     bad = {**base, "optimizer.learning_rate": 1e38}
     with pytest.raises(
-        train.NonFiniteError,
+        finite.NonFiniteError,
         match=r"first became non-finite at step 3 .*newest finite checkpoint is step 2",
     ):
         train.train(tiny_config(bad), workdir)

@@ -362,3 +362,32 @@ def load_params(
         ),
     )
     return traverse_util.flatten_dict(restored["params"], sep="/")
+
+
+def save_checked(mngr, step: int, state, data, in_flight: int | None) -> None:
+    """`save`, with orbax's errors (the previous async save's surface here) named
+    by the save that hit them; a full disk as such."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise save_failed(mngr, in_flight, e) from e
+    try:
+        save(mngr, step, state, data)
+    except Exception as e:
+        raise save_failed(mngr, step, e) from e
+
+
+def close_after_error(mngr, in_flight: int | None, *closables) -> None:
+    """After an exception: the save in flight (of a finite state) is finished rather than
+    abandoned, then everything is closed; errors here are logged, never raised over the
+    original one."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s", save_failed(mngr, in_flight, e))
+    for closable in (mngr, *closables):
+        try:
+            if closable is not None:
+                closable.close()
+        except Exception as e:  # noqa: BLE001
+            log.warning("while closing %s: %s: %s", type(closable).__name__, type(e).__name__, e)

@@ -28,7 +28,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmjax import checkpoint, evaluators, lock, mfu, optim, tasks, writers
+from vlmjax import checkpoint, evaluators, finite, lock, mfu, optim, tasks, writers
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import pipeline, sources
@@ -317,68 +317,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss, gradient norm or parameter norm became inf/NaN; nothing after it was saved."""
-
-
-def guard_finite(run: Setup, skip_nonfinite: bool) -> Callable:
-    """`run.train_step` with a finiteness check on device:
-    (state, batch, health) -> (state, metrics, health).
-
-    `health` = {"first_nonfinite": int32, the first step whose loss, gradient norm or
-    parameter norm was inf/NaN (0: none yet), "skipped": int32, steps skipped}. It stays on
-    device: the loop reads it only where it reads metrics anyway (log steps) and before a
-    checkpoint is written, so a non-finite state is never saved and no step adds a host
-    sync. With `skip_nonfinite`, such a step's update is dropped instead (params, optimizer
-    and model state stay as they were; the step counter, hence data and RNG, moves on) and
-    counted. One jit around the step: the wrapped jit is inlined, so this is one program.
-    """
-    rep = mesh_lib.replicated(run.batch_sharding.mesh)
-
-    def step(state: TrainState, batch, health):
-        new, metrics = run.train_step(state, batch)
-        finite = (
-            jnp.isfinite(metrics["train/loss"])
-            & jnp.isfinite(metrics["train/grad_norm"])
-            & jnp.isfinite(metrics["train/param_norm"])
-        )
-        first, skipped = health["first_nonfinite"], health["skipped"]
-        if skip_nonfinite:
-            kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-            new = kept.replace(step=new.step)
-            skipped = skipped + jnp.logical_not(finite).astype(jnp.int32)
-        else:
-            first = jnp.where((first == 0) & jnp.logical_not(finite), new.step, first)
-        return new, metrics, {"first_nonfinite": first, "skipped": skipped}
-
-    return jax.jit(
-        step,
-        in_shardings=(run.shardings, run.batch_sharding, rep),
-        out_shardings=(run.shardings, rep, rep),
-        donate_argnums=(0, 2),
-    )
-
-
-def _check_finite(health, mngr, step: int) -> None:
-    """Raises NonFiniteError if `health` (host values) saw a non-finite step."""
-    first = int(health["first_nonfinite"])
-    if not first:
-        return
-    mngr.wait_until_finished()  # the save in flight is of a finite state: let it land
-    good = mngr.latest_step()
-    where = (
-        f"the newest finite checkpoint is step {good} ({mngr.directory}/{good}), where "
-        "rerunning the same command resumes"
-        if good is not None
-        else "no checkpoint was saved yet, so rerunning starts afresh"
-    )
-    raise NonFiniteError(
-        f"train/loss (or the gradient norm) first became non-finite at step {first} (found at "
-        f"step {step}); nothing after it was saved: {where}. Lower optimizer.learning_rate, "
-        "set optimizer.grad_clip_norm, or set optimizer.skip_nonfinite=true to skip such steps."
-    )
-
-
 @contextlib.contextmanager
 def _hold_workdir(workdir: str):
     """WORKDIR/LOCK for the run (see lock.py): taken by process 0; every process fails
@@ -403,35 +341,6 @@ def _hold_workdir(workdir: str):
             held.release()
 
 
-def _save(mngr, step: int, state, data, in_flight: int | None) -> None:
-    """checkpoint.save, with orbax's errors (the previous async save's surface here) named
-    by the save that hit them; a full disk as such."""
-    try:
-        mngr.wait_until_finished()
-    except Exception as e:
-        raise checkpoint.save_failed(mngr, in_flight, e) from e
-    try:
-        checkpoint.save(mngr, step, state, data)
-    except Exception as e:
-        raise checkpoint.save_failed(mngr, step, e) from e
-
-
-def _close(mngr, in_flight: int | None, *closables) -> None:
-    """After an exception: the save in flight (of a finite state) is finished rather than
-    abandoned, then everything is closed; errors here are logged, never raised over the
-    original one."""
-    try:
-        mngr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-        log.warning("%s", checkpoint.save_failed(mngr, in_flight, e))
-    for closable in (mngr, *closables):
-        try:
-            if closable is not None:
-                closable.close()
-        except Exception as e:  # noqa: BLE001
-            log.warning("while closing %s: %s: %s", type(closable).__name__, type(e).__name__, e)
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -443,7 +352,7 @@ def train(
     `stop_at` ends this invocation after that step, with a checkpoint, as a job with a time
     limit would; running again resumes exactly there. A SIGTERM stops at the next step
     boundary with a checkpoint and raises `Preempted`. The workdir is locked for the run
-    (`lock.py`); a state whose loss went inf/NaN is never saved (`guard_finite`); on any
+    (`lock.py`); a state whose loss went inf/NaN is never saved (`finite.guard_finite`); on any
     exception the save in flight is finished and everything is closed before it propagates.
     """
     check_config(config)
@@ -473,7 +382,7 @@ def train(
         evals = evaluators.build(config, task, mesh)
         # Optimizer, shardings and the jitted init and train step, checked for finiteness.
         run = setup(config, task, mesh)
-        train_step = guard_finite(run, config.optimizer.skip_nonfinite)
+        train_step = finite.guard_finite(run, config.optimizer.skip_nonfinite)
 
         # Init, or resume from the newest checkpoint that verifies (damaged ones are moved
         # aside to checkpoints/<step>.corrupt with a warning).
@@ -529,7 +438,7 @@ def train(
 
                     if step % config.log_every == 0 or step == config.total_steps:
                         metrics, host_health = jax.device_get((metrics, health))
-                        _check_finite(host_health, mngr, step)
+                        finite.check_finite(host_health, mngr, step)
                         try:  # a failed async save surfaces here, not at the next save
                             mngr.check_for_errors()
                         except Exception as e:
@@ -570,8 +479,10 @@ def train(
                     ):
                         # Never save a non-finite state: retention would then delete the
                         # good steps (issue 12). One host read per checkpoint.
-                        _check_finite(jax.device_get(health), mngr, step)
-                        _save(mngr, step, state, {"examples": examples}, in_flight)
+                        finite.check_finite(jax.device_get(health), mngr, step)
+                        checkpoint.save_checked(
+                            mngr, step, state, {"examples": examples}, in_flight
+                        )
                         in_flight = step
                     if preempted:
                         log.warning(
@@ -589,7 +500,7 @@ def train(
             except Exception as e:
                 raise checkpoint.save_failed(mngr, in_flight, e) from e
         except BaseException:
-            _close(mngr, in_flight, progress, writer)
+            checkpoint.close_after_error(mngr, in_flight, progress, writer)
             raise
         mngr.close()
         progress.close()
