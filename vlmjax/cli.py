@@ -112,6 +112,17 @@ def _quiet_background_noise() -> None:
 
     hook.vlmjax_quiet = True
     sys.excepthook = hook
+    # TensorStore's C++ threads report a callback that raised through PyErr_WriteUnraisable
+    # (with no object, so only the traceback prints): the same noise by another door.
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(args):
+        value = args.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous_unraisable(args)
+
+    sys.unraisablehook = unraisable
     logging.getLogger("absl").addFilter(_OrbaxErrors())
 
     import threading
