@@ -47,7 +47,8 @@ def _jsonl_path(cfg: ml_collections.ConfigDict, split: str) -> str:
         return jsonl.parse(cfg.source)
     raise ValueError(
         f"data.source={cfg.source!r} is one file, used as the train split; split {split!r} "
-        f"must name its own file, e.g. data.eval_split='jsonl:/path/val.jsonl' (or '' for none)"
+        "must name its own file as 'jsonl:/path/val.jsonl' (an evaluator reads its own file: "
+        "evals.NAME.source='jsonl:/path/val.jsonl')"
     )
 
 

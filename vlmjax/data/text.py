@@ -4,7 +4,7 @@
 A record's text is its `data.caption_key` field (a string, UTF-8 bytes, or a list of them,
 one picked at random per training example), or, with `data.caption_key = ""`, its class
 label turned into a sentence by one of the `data.templates` (e.g. "a photo of a {}.").
-The same templates, averaged over, give the zero-shot classifier (`vlmjax/evaluate.py`).
+The same templates, averaged over, give the zero-shot classifier (`vlmjax/evaluators/zeroshot.py`).
 
 `data.tokenizer`:
   * "word": a word-level vocabulary trained on the train split's captions (or, for the
