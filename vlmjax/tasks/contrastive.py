@@ -196,44 +196,6 @@ def train_dataset(
 # --- loss and the task ---------------------------------------------------------------------
 
 
-def loss_fn(
-    model: nn.Module,
-    params: Any,
-    model_state: dict,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    kind: str,
-    impl: str,
-    tile: int = losses.DEFAULT_TILE,
-) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict]]:
-    """The contrastive loss of one global batch; returns (loss, (metrics, model_state))."""
-    # Non-parameter collections (a ResNet tower's BatchNorm statistics) update in training.
-    out, new_state = model.apply(
-        {"params": params, **model_state},
-        normalise(batch["image"]),
-        batch["tokens"],
-        train=True,
-        rngs={"dropout": rng},
-        mutable=list(model_state),
-    )
-    loss, metrics = losses.contrastive_loss(
-        out["zimg"],
-        out["ztxt"],
-        out["log_scale"],
-        out["bias"],
-        kind=kind,
-        impl=impl,
-        mesh=jax.sharding.get_abstract_mesh(),
-        tile=tile,
-    )
-    metrics = dict(metrics)
-    metrics["temperature"] = jnp.exp(-out["log_scale"])
-    if out["bias"] is not None:
-        metrics["bias"] = out["bias"]
-    return loss, (metrics, dict(new_state))
-
-
 def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task:
     """The contrastive task of `config`, its tokenizer prepared once (and kept in `workdir`)."""
     prepared = prepare(config, workdir)
@@ -252,8 +214,9 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task
         flops_per_example = flops.per_example(config, model)
     except ValueError:  # a tower without a formula: no FLOP metrics
         flops_per_example = None
-    # grad_accum_steps=k keeps the loss over all B pairs (GradCache): the towers run on k
-    # micro-batches, the loss sees every negative (vlmjax/contrastive_accum.py).
+    # One embedding and loss pair serves the plain step and grad_accum_steps=k, which keeps
+    # the loss over all B pairs (GradCache): the towers run on k micro-batches, the loss
+    # sees every negative (vlmjax/contrastive_accum.py).
     embed_fn, batch_loss = contrastive_accum.two_tower_fns(
         model,
         kind=config.loss.kind,
@@ -261,6 +224,13 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task
         tile=config.loss.tile,
         inputs=lambda batch: (normalise(batch["image"]), batch["tokens"]),
     )
+
+    def loss_fn(params, model_state, batch, rng):
+        """The contrastive loss of one global batch; (loss, (metrics, model_state)). A
+        ResNet tower's BatchNorm statistics update in training."""
+        rows, shared, new_state = embed_fn(params, model_state, batch, rng)
+        loss, metrics = batch_loss(rows, shared)
+        return loss, (metrics, new_state)
 
     def grad_fn(params, model_state, batch, rng, k):
         return contrastive_accum.accumulated_value_and_grad(
@@ -272,9 +242,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task
         prepared=prepared,
         model=model,
         init_inputs=init_inputs(config),
-        loss_fn=functools.partial(
-            loss_fn, model, kind=config.loss.kind, impl=config.loss.impl, tile=config.loss.tile
-        ),
+        loss_fn=loss_fn,
         train_dataset=functools.partial(train_dataset, config, prepared),
         fake_batch=functools.partial(fake_batch, config, prepared),
         flops_per_example=flops_per_example,
