@@ -66,7 +66,9 @@ CASES = {
         max_new_tokens=6,
     ),
     # The other branches: a bfloat16 checkpoint, exact GELU, no qk-norm, full rotary,
-    # tied embeddings (no lm_head tensor), patch size 3, theta 10000.
+    # tied embeddings (no lm_head tensor), patch size 3, theta 10000. The tie is set the
+    # way transformers writes it: top-level tie_word_embeddings=true, and text_config's
+    # left at its default (false), which transformers ignores.
     "gelu_bf16_tied": dict(
         config=dict(
             patch_size=3, image_token_id=4, initializer_range=0.2, tie_word_embeddings=True
@@ -79,7 +81,6 @@ CASES = {
             num_attention_heads=2,
             hidden_act="gelu",
             qk_layernorm=False,
-            tie_word_embeddings=True,
             rope_parameters=dict(
                 rope_type="default", rope_theta=10000.0, partial_rotary_factor=1.0
             ),
@@ -314,3 +315,22 @@ def test_bfloat16_and_float8_safetensors_are_read(tmp_path):
     plain = str(tmp_path / "plain.safetensors")
     save_file({"f32": values}, plain)
     np.testing.assert_array_equal(tensors_lib.load_safetensors(plain)["f32"], values)
+
+
+def test_tied_embeddings_as_transformers_writes_them(reference):
+    """transformers puts the tie at the top level of config.json (text_config's stays false)
+    and saves no lm_head tensor: the head is then the transposed token embedding."""
+    out, _ = reference("gelu_bf16_tied")
+    config, tensors = tensors_lib.read_folder(os.path.join(out, "model"))
+    assert config["tie_word_embeddings"] is True
+    assert config["text_config"].get("tie_word_embeddings", False) is False
+    assert not any("lm_head" in name for name in tensors)
+    _, variables = convert.from_hf(os.path.join(out, "model"))
+    embedding = variables["params"]["token_embedding"]["embedding"]
+    np.testing.assert_array_equal(variables["params"]["head"]["kernel"], embedding.T)
+    # Untied at the top level (the text_config alone is ignored, as transformers does).
+    untied = dict(config, tie_word_embeddings=False)
+    untied["text_config"] = dict(config["text_config"], tie_word_embeddings=True)
+    model = hf_fuyu.model_from_config(untied)
+    with pytest.raises(KeyError, match="language_model.lm_head.weight.*not tied"):
+        hf_fuyu.variables_from_tensors(untied, tensors, model)

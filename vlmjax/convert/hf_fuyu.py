@@ -110,6 +110,19 @@ def model_from_config(config: dict[str, Any], **overrides) -> fuyu.FuyuDecoder:
     )
 
 
+def tied_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the LM head is the transposed token embedding.
+
+    transformers writes `tie_word_embeddings` at the top level of a Fuyu config.json and
+    reads it from there (FuyuForCausalLM ties on `config.tie_word_embeddings`); its
+    `text_config` carries its own, usually false, which it ignores. Old flat configs only
+    have the top-level one, so the top level decides whenever it is present.
+    """
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    return bool((config.get("text_config") or {}).get("tie_word_embeddings", False))
+
+
 def _dense(pool, hf: str, tree: dict, path: tuple[str, ...], bias: bool = True) -> None:
     tensors_lib.put(tree, (*path, "kernel"), tensors_lib.dense_kernel(pool.pop(hf + ".weight")))
     if bias:
@@ -179,10 +192,13 @@ def variables_from_tensors(
     head = prefix["head"] + "weight"
     if head in pool:
         _dense(pool, head.removesuffix(".weight"), params, ("head",), bias=False)
-    elif (config.get("text_config") or config).get("tie_word_embeddings", False):
+    elif tied_embeddings(config):
         tensors_lib.put(params, ("head", "kernel"), np.ascontiguousarray(embedding.T))
     else:
-        raise KeyError(f"tensor {head!r} not in the checkpoint and the embeddings are not tied")
+        raise KeyError(
+            f"tensor {head!r} not in the checkpoint and the embeddings are not tied "
+            f"(tie_word_embeddings is false or absent at the top level of config.json)"
+        )
 
     pool.assert_consumed()
     variables = {"params": params}
