@@ -231,6 +231,44 @@ def test_slurm_writes_a_job_array_of_the_unfinished_points(tmp_path, monkeypatch
     task = subprocess.run([bash, str(root / "sweep.sbatch")], env=env, capture_output=True)
     assert task.returncode == 0 and task.stdout.decode().splitlines()[-1] == "point 1"
 
+    # A point that exits 143 (preempted, checkpoint saved) requeues its own array task, up to
+    # VLMJAX_MAX_RESTARTS times; `scontrol` here is a stand-in that records its arguments.
+    (root / "sweep_points.txt").write_text("echo point-0\nsh -c 'exit 143'\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        f'#!{bash}\necho "$@" >> {tmp_path}/scontrol.log\n'
+        '[ "$1" = show ] && echo "JobId=78 ArrayJobId=77 ArrayTaskId=1 Requeue=1"\nexit 0\n'
+    )
+    (fake / "scontrol").chmod(0o755)
+    env.update(SLURM_ARRAY_JOB_ID="77", PATH=f"{fake}:{env['PATH']}")
+    task = subprocess.run([bash, str(root / "sweep.sbatch")], env=env, capture_output=True)
+    assert task.returncode == 143, task.stderr
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == [
+        "show job 77_1",
+        "requeue 77_1",
+    ]
+    env.update(SLURM_RESTART_COUNT="3", VLMJAX_MAX_RESTARTS="3")
+    task = subprocess.run([bash, str(root / "sweep.sbatch")], env=env, capture_output=True)
+    assert task.returncode == 143 and b"run the sweep again to resume" in task.stdout
+    assert (tmp_path / "scontrol.log").read_text().count("requeue") == 1
+
+
+def test_preempted_point_stops_the_local_sweep(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def execute(command):
+        calls.append(command)
+        return 143 if len(calls) == 2 else 0
+
+    monkeypatch.setattr(sweep, "_execute", execute)
+    root = tmp_path / "sweep"
+    assert _main(["--config", VIT + ":tiny", "--workdir", str(root)]) == 143
+    assert len(calls) == 2  # the points after the preempted one do not start
+    out = capsys.readouterr().out
+    assert "model.depth=4,optimizer.learning_rate=0.001 was preempted" in out
+    assert "failed" not in out
+
 
 def test_final_metrics_name_matches_train():
     from vlmjax import train

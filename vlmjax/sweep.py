@@ -44,6 +44,8 @@ from vlmjax import config as config_lib
 # because vlmjax.train pulls in the whole training stack and `vlmjax sweep` runs none of it).
 FINAL_METRICS = "final_metrics.json"
 STATUSES = ("finished", "started", "pending", "failed")
+# `vlmjax train`'s exit status after a SIGTERM that it answered with a checkpoint (cli.py).
+PREEMPTED = 143
 
 Point = dict[str, Any]  # dotted config key -> value, e.g. {"optimizer.learning_rate": 1e-3}
 Part = Mapping[str, Iterable[Any]] | Sequence[Mapping[str, Any]]
@@ -252,6 +254,10 @@ def run_local(runs: Sequence[Run]) -> dict[str, int]:
     for i, run in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {run.name}: {shlex.join(run.command)}", flush=True)
         codes[run.name] = _execute(run.command)
+        if codes[run.name] == PREEMPTED:
+            # The run saved a checkpoint and stopped on SIGTERM: the sweep was preempted
+            # (or stopped by the user), so starting the next point would defeat the stop.
+            break
     return codes
 
 
@@ -269,11 +275,36 @@ def write_sbatch(runs: Sequence[Run], root: str) -> str:
 #SBATCH --job-name=sweep-{job}
 #SBATCH --array=0-{len(runs) - 1}
 #SBATCH --output={root}/slurm-%A_%a.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:TERM@120
+# A point stopped by SIGTERM (preemption, or 2 minutes before the time limit) saves a
+# checkpoint and exits {PREEMPTED}; its task is then requeued, at most VLMJAX_MAX_RESTARTS
+# (default 100) times, and resumes from that checkpoint (as launch/slurm.sbatch does).
 set -euo pipefail
 cd {shlex.quote(os.getcwd())}
 command=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(points)})
-echo "sweep point $SLURM_ARRAY_TASK_ID: $command"
-eval "exec $command"
+echo "$(date) sweep point $SLURM_ARRAY_TASK_ID: $command"
+(eval "exec $command") &
+pid=$!
+forward() {{ interrupted=1; kill -TERM "$pid" 2>/dev/null || true; }}
+trap forward TERM
+while :; do  # `wait` also returns when the trap runs: then wait again, for the run's status
+  interrupted=0 status=0
+  wait "$pid" || status=$?
+  ((interrupted)) || break
+done
+if ((status == {PREEMPTED})); then
+  task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+  if ((${{SLURM_RESTART_COUNT:-0}} < ${{VLMJAX_MAX_RESTARTS:-100}})) \\
+    && scontrol show job "$task" 2>/dev/null | grep -qw "Requeue=1"; then
+    echo "$(date) preempted with a checkpoint: requeueing $task to resume"
+    scontrol requeue "$task" || echo "$(date) scontrol requeue failed: run the sweep again" >&2
+  else
+    echo "$(date) preempted with a checkpoint: run the sweep again to resume"
+  fi
+fi
+exit "$status"
 """
     path = os.path.join(root, "sweep.sbatch")
     with open(path, "w") as f:
@@ -397,7 +428,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> int:
     """Runs `vlmjax sweep`: 0 when every point finished (or was submitted), 1 if any point
-    failed, 2 for a config error (found before anything runs)."""
+    failed, 2 for a config error (found before anything runs), 143 when a local point was
+    preempted (SIGTERM, checkpoint saved): the sweep stops there and a rerun resumes it."""
     try:
         runs = plan(args.config, args.workdir, overrides)
     except config_lib.ConfigError as e:
@@ -420,11 +452,18 @@ def main(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> int:
     code, failed = 0, []
     if todo and not args.dry_run and args.launcher == "local":
         codes = run_local(todo)
+        if preempted := [name for name, rc in codes.items() if rc == PREEMPTED]:
+            print(
+                f"{preempted[0]} was preempted and saved a checkpoint; the sweep stopped "
+                "there: run the same command again to resume it"
+            )
+            codes.pop(preempted[0])
+            code = PREEMPTED
         if failed := [name for name, rc in codes.items() if rc != 0]:
             print(f"{len(failed)} of {len(todo)} runs failed (rerun the sweep to retry them):")
             for name in failed:
                 print(f"  {name}: exit code {codes[name]}")
-            code = 1
+            code = code or 1  # a preemption's 143 wins: a scheduler requeues on it
     elif todo and not args.dry_run and args.launcher == "slurm":
         os.makedirs(root, exist_ok=True)
         if started := [run.name for run in todo if os.path.isdir(run.workdir)]:
