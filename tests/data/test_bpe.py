@@ -15,7 +15,7 @@ import numpy as np
 import parity
 import pytest
 
-from vlmjax.data import bpe
+from vlmjax.data import bpe, hf_tokenizer
 from vlmjax.data.tokenizer import SPECIAL_TOKENS, Tokenizer, WordTokenizer, load_tokenizer
 
 # ------------------------------------------------------------------------------------------
@@ -147,22 +147,48 @@ def _write_hf_folder(folder, header=True) -> str:
     return str(folder)
 
 
+# transformers' CLIP split (tests/convert/reference.py), which a CLIP tokenizer.json carries.
+CLIP_SPLIT = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
 def _write_tokenizer_json(path, merges_as_pairs: bool, **extra) -> str:
+    """The hand-made vocabulary as a CLIP tokenizer.json (built with the tokenizers library,
+    as Hugging Face ships CLIP's); `extra` overrides entries of its "model"."""
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+
     vocab = {s: i for i, s in enumerate(_symbols(MERGES))}
-    data = {
-        "added_tokens": [
-            {"id": BOS, "content": bpe.START, "special": True},
-            {"id": EOS, "content": bpe.END, "special": True},
-        ],
-        "padding": None,
-        "model": {
-            "type": "BPE",
-            "end_of_word_suffix": "</w>",
-            "continuing_subword_prefix": "",
-            "vocab": vocab,
-            "merges": [list(m) if merges_as_pairs else " ".join(m) for m in MERGES],
-        },
-    }
+    tok = Tokenizer(
+        models.BPE(
+            vocab, list(MERGES), end_of_word_suffix="</w>", continuing_subword_prefix="",
+            unk_token=bpe.END,
+        )
+    )  # fmt: skip
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.RobertaProcessing((bpe.END, EOS), (bpe.START, BOS))
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.add_special_tokens([bpe.START, bpe.END])
+    data = json.loads(tok.to_str())
+    merges = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
+    data["model"]["merges"] = [list(m) if merges_as_pairs else " ".join(m) for m in merges]
     data["model"].update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -186,13 +212,18 @@ def test_hf_vocab_and_merges_folder(tmp_path):
 
 
 def test_tokenizer_json(tmp_path):
-    expected = _hand().encode(TEXTS, 8)
+    """Pure Python and the tokenizers library (load_tokenizer's way) give the hand ids."""
+    hand = _hand()
+    expected = hand.encode(TEXTS, 8)
     for pairs in (True, False):
         path = _write_tokenizer_json(tmp_path / f"pairs_{pairs}" / "tokenizer.json", pairs)
         np.testing.assert_array_equal(bpe.load(path).encode(TEXTS, 8), expected)
-        np.testing.assert_array_equal(
-            load_tokenizer(os.path.dirname(path)).encode(TEXTS, 8), expected
-        )
+        for where in (path, os.path.dirname(path)):
+            rust = load_tokenizer(where)
+            assert isinstance(rust, hf_tokenizer.HFTokenizer)
+            assert (rust.bos_id, rust.eos_id, rust.pad_id) == (BOS, EOS, EOS)
+            assert rust.vocab_size == hand.vocab_size == 520
+            np.testing.assert_array_equal(rust.encode(TEXTS, 8), expected)
 
     wordpiece = _write_tokenizer_json(tmp_path / "wp" / "tokenizer.json", True, type="WordPiece")
     with pytest.raises(ValueError, match="'WordPiece' is not BPE"):
@@ -319,13 +350,18 @@ def test_ids_match_transformers(reference):
     out, tokens = reference
     expected = _expected(tokens)
     assert expected.shape == (len(PARITY_TEXTS), CONTEXT_LENGTH)
-    sources = {
-        "vocab.json + merges.txt": os.path.join(out, "files"),
-        "saved folder (tokenizer.json + tokenizer_config.json)": os.path.join(out, "saved"),
-        "tokenizer.json file": os.path.join(out, "saved", "tokenizer.json"),
+    saved_json = os.path.join(out, "saved", "tokenizer.json")
+    loaders = {  # name -> (tokenizer, the class load_tokenizer must pick)
+        "vocab.json + merges.txt": (load_tokenizer(os.path.join(out, "files")), bpe.BPETokenizer),
+        "saved folder (tokenizer.json + tokenizer_config.json)": (
+            load_tokenizer(os.path.join(out, "saved")),
+            hf_tokenizer.HFTokenizer,
+        ),
+        "tokenizer.json file": (load_tokenizer(saved_json), hf_tokenizer.HFTokenizer),
+        "tokenizer.json in pure Python": (bpe.load(saved_json), bpe.BPETokenizer),
     }
-    for name, path in sources.items():
-        tok = load_tokenizer(path)
+    for name, (tok, kind) in loaders.items():
+        assert type(tok) is kind, name
         assert (tok.pad_id, tok.bos_id, tok.eos_id) == (
             tokens["pad_token_id"],
             tokens["bos_token_id"],

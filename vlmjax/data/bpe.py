@@ -1,4 +1,11 @@
-"""CLIP's byte-level BPE tokenizer, offline, from the files OpenAI and Hugging Face ship.
+"""CLIP's byte-level BPE tokenizer in pure Python, offline, from the files OpenAI and Hugging
+Face ship.
+
+`vlmjax.data.tokenizer.load_tokenizer` reads a tokenizer.json with the Rust `tokenizers`
+library (`hf_tokenizer`) and comes here only where that library cannot read the files as
+they are: a folder with vocab.json + merges.txt and no tokenizer.json, and OpenAI's
+bpe_simple_vocab .txt[.gz]. `load` itself still reads a CLIP tokenizer.json too (the tests
+check both paths give the same ids).
 
     tok = bpe.load("path/to/clip-folder")        # tokenizer.json, or vocab.json + merges.txt
     tok = bpe.load("bpe_simple_vocab_16e6.txt.gz")  # OpenAI's merges file
@@ -35,7 +42,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from vlmjax.data import tokenizer as tokenizer_lib
+from vlmjax.data import tokenizer_base as base
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -118,7 +125,7 @@ def normalize(text: str) -> str:
 class BPETokenizer:
     """CLIP's byte-level BPE over a vocabulary {symbol: id} and ranked merges [(a, b)].
 
-    Follows vlmjax.data.tokenizer.Tokenizer: `encode` gives int32 [n, L] rows
+    Follows vlmjax.data.tokenizer_base.Tokenizer: `encode` gives int32 [n, L] rows
     `[bos] tokens [eos] [pad]...`. `special_tokens` are matched verbatim in the text
     (default: bos and eos). A symbol missing from the vocabulary becomes `unk_token`
     (never happens with a complete byte alphabet, as CLIP's has).
@@ -187,10 +194,10 @@ class BPETokenizer:
         symbols[-1] += END_OF_WORD
         return tuple(self._vocab.get(s, self.unk_id) for s in self._merge(symbols))
 
-    def tokenize(self, text: tokenizer_lib.Text) -> list[int]:
+    def tokenize(self, text: base.Text) -> list[int]:
         """One text -> its token ids without bos/eos."""
         ids: list[int] = []
-        for piece, is_special in self._split_specials(tokenizer_lib.as_str(text)):
+        for piece, is_special in self._split_specials(base.as_str(text)):
             if is_special:
                 ids.append(self._vocab[piece])
             else:
@@ -211,13 +218,11 @@ class BPETokenizer:
         pieces.append((text[start:], False))
         return [(p, s) for p, s in pieces if p]
 
-    def encode(
-        self, texts: tokenizer_lib.Text | Iterable[tokenizer_lib.Text], context_length: int
-    ) -> np.ndarray:
+    def encode(self, texts: base.Text | Iterable[base.Text], context_length: int) -> np.ndarray:
         """Texts (str or UTF-8 bytes; one counts as a batch of 1) -> int32 [n, context_length]
         `[bos] tokens... [eos] [pad]...`, truncated keeping `eos` last."""
-        rows = [self.tokenize(text) for text in tokenizer_lib.as_texts(texts)]
-        return tokenizer_lib.pack(rows, context_length, self.bos_id, self.eos_id, self.pad_id)
+        rows = [self.tokenize(text) for text in base.as_texts(texts)]
+        return base.pack(rows, context_length, self.bos_id, self.eos_id, self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """One row of ids -> text: stops at the first `eos`, skips special tokens, turns each
@@ -244,27 +249,6 @@ class BPETokenizer:
 # Loading from files.
 
 VOCAB_FILE, MERGES_FILE, TOKENIZER_FILE = "vocab.json", "merges.txt", "tokenizer.json"
-_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
-
-
-def _special_tokens_config(folder: str) -> dict[str, str]:
-    """{"bos_token": ..., ...} from a HF folder's tokenizer_config.json and
-    special_tokens_map.json (the first to name a role wins); roles named nowhere are absent."""
-    found: dict[str, str] = {}
-    for name in _CONFIG_FILES:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        for role in _ROLES:
-            token = config.get(role)
-            if isinstance(token, dict):  # {"content": "<|endoftext|>", "lstrip": false, ...}
-                token = token.get("content")
-            if isinstance(token, str) and role not in found:
-                found[role] = token
-    return found
 
 
 def _merge_pair(merge: str | Sequence[str], where: str) -> tuple[str, str]:
@@ -296,7 +280,7 @@ def from_vocab_merges(folder: str) -> BPETokenizer:
     with open(os.path.join(folder, VOCAB_FILE), encoding="utf-8") as f:
         vocab = json.load(f)
     merges = _read_merges_txt(os.path.join(folder, MERGES_FILE))
-    roles = _hf_roles(_special_tokens_config(folder))
+    roles = _hf_roles(base.hf_special_tokens(folder))
     # transformers cuts every special token it knows out of the text before splitting it.
     return BPETokenizer(vocab, merges, **roles, special_tokens=set(roles.values()))
 
@@ -326,7 +310,7 @@ def from_tokenizer_json(path: str) -> BPETokenizer:
     vocab.update((token["content"], token["id"]) for token in added)
     merges = [_merge_pair(m, path) for m in model.get("merges", [])]
 
-    specials = _special_tokens_config(os.path.dirname(os.path.abspath(path)))
+    specials = base.hf_special_tokens(os.path.dirname(os.path.abspath(path)))
     padding = data.get("padding") or {}
     if "pad_token" not in specials and padding.get("pad_token"):
         specials["pad_token"] = padding["pad_token"]

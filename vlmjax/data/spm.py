@@ -3,7 +3,7 @@
 A `.model` file is a serialized SentencePiece ModelProto: its pieces, their scores, the
 algorithm (unigram or BPE), the normalizer and the special ids. `SentencePieceTokenizer`
 segments text with the `sentencepiece` library, so ids are exactly the original's, and lays
-rows out like every vlmjax tokenizer (`vlmjax.data.tokenizer.pack`):
+rows out like every vlmjax tokenizer (`vlmjax.data.tokenizer_base.pack`):
 
   `[bos] pieces... [eos] [pad]...`, truncated so that `eos` stays last.
 
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from vlmjax.data import tokenizer as tokenizer_lib
+from vlmjax.data import tokenizer_base as base
 
 # The names the model file goes by in Hugging Face folders (T5/SigLIP, LLaMA/Gemma) and others.
 MODEL_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.model")
@@ -75,18 +75,16 @@ class SentencePieceTokenizer:
         """The serialized model, as in a `.model` file."""
         return self._model
 
-    def tokenize(self, text: tokenizer_lib.Text) -> list[int]:
+    def tokenize(self, text: base.Text) -> list[int]:
         """One text -> its piece ids, without bos/eos."""
-        return list(self._sp.encode(tokenizer_lib.as_str(text), out_type=int))
+        return list(self._sp.encode(base.as_str(text), out_type=int))
 
-    def encode(
-        self, texts: tokenizer_lib.Text | Iterable[tokenizer_lib.Text], context_length: int
-    ) -> np.ndarray:
+    def encode(self, texts: base.Text | Iterable[base.Text], context_length: int) -> np.ndarray:
         """Texts (str or UTF-8 bytes; a single one counts as a batch of 1) -> int32
         [n, context_length] `[bos] pieces... [eos] [pad]...` (no bos if the model has none)."""
-        texts = [tokenizer_lib.as_str(t) for t in tokenizer_lib.as_texts(texts)]
+        texts = [base.as_str(t) for t in base.as_texts(texts)]
         rows = self._sp.encode(texts, out_type=int)
-        return tokenizer_lib.pack(rows, context_length, self.bos_id, self.eos_id, self.pad_id)
+        return base.pack(rows, context_length, self.bos_id, self.eos_id, self.pad_id)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """One row of ids -> text, stopping at the first `eos`; bos, pad and other control
@@ -132,7 +130,7 @@ def model_file(path: str | os.PathLike) -> str | None:
 
 
 def train(
-    texts: Iterable[tokenizer_lib.Text], vocab_size: int, model_type: str = "unigram"
+    texts: Iterable[base.Text], vocab_size: int, model_type: str = "unigram"
 ) -> SentencePieceTokenizer:
     """A SentencePiece model of about `vocab_size` pieces trained on `texts` (a small corpus
     may yield fewer), with the ids of `WordTokenizer`: pad 0, bos 1, eos 2, unk 3.
@@ -143,7 +141,7 @@ def train(
     model = io.BytesIO()
     try:
         _sentencepiece().SentencePieceTrainer.train(
-            sentence_iterator=(tokenizer_lib.as_str(t) for t in texts),
+            sentence_iterator=(base.as_str(t) for t in texts),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -165,4 +163,4 @@ def train(
 
 def save(tokenizer: SentencePieceTokenizer, path: str | os.PathLike) -> None:
     """Writes the `.model` file (atomically)."""
-    tokenizer_lib.write_atomically(path, tokenizer.model_proto)
+    base.write_atomically(path, tokenizer.model_proto)
