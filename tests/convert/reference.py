@@ -16,7 +16,15 @@ pooled features [b, c] with "head": false).
 
 does the same for a CLIPModel; io.npz then also has `input_ids` [t, max_position_embeddings]
 (random ids, EOS at a different place in each row, pad after it) and the outputs
-`image_embeds` [b, E], `text_embeds` [t, E] and `logits_per_image` [b, t].
+`image_embeds` [b, E], `text_embeds` [t, E] and `logits_per_image` [b, t]. `siglip` does
+the same for a SiglipModel (random ids; logits include logit_bias), `vit` for a
+ViTForImageClassification (`outputs`: logits) or, with "class": "ViTModel" in the spec, a
+ViTModel (`outputs`: pooler_output, or the class token without a pooler).
+
+    python reference.py load '{"folders": [{"dir": D, "class": "CLIPModel"}, ...]}' -
+
+loads the folders our exporters wrote (D/model) with transformers' from_pretrained, runs
+each on D/inputs.npz and writes D/outputs.npz and D/loading_info.json (see run_loaded).
 
     python reference.py tokenizer '{"corpus": [...], "vocab_size": 600, "texts": [...],
         "context_length": 16}' OUT
@@ -140,8 +148,118 @@ def run_clip(model: torch.nn.Module, pixel_values: torch.Tensor, args) -> dict:
     }
 
 
+def build_siglip(spec: dict) -> torch.nn.Module:
+    """SiglipModel from SiglipConfig fields; its LayerNorms get random scales and biases."""
+    from transformers import SiglipConfig, SiglipModel
+
+    model = SiglipModel(SiglipConfig(**spec))
+    generator = torch.Generator().manual_seed(123)
+    randomise_layer_norms(model, generator)
+    with torch.no_grad():  # HF initialises the bias to 0, under which a dropped bias matches
+        model.logit_scale.fill_(2.0 + float(torch.rand((), generator=generator)))
+        model.logit_bias.fill_(-3.0 + float(torch.rand((), generator=generator)))
+    return model
+
+
+def run_siglip(model: torch.nn.Module, pixel_values: torch.Tensor, args) -> dict:
+    """Random ids [t, max_position_embeddings] (SigLIP pools the last position); the
+    embeddings and logits_per_image = exp(logit_scale) * cos + logit_bias."""
+    text = model.config.text_config
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    shape = (args.texts, text.max_position_embeddings)
+    input_ids = torch.randint(0, text.vocab_size, shape, generator=generator)
+    return siglip_outputs(model, pixel_values, input_ids)
+
+
+def siglip_outputs(model, pixel_values, input_ids) -> dict:
+    out = model(pixel_values=pixel_values, input_ids=input_ids)
+    return {
+        "input_ids": input_ids,
+        "image_embeds": out.image_embeds,
+        "text_embeds": out.text_embeds,
+        "logits_per_image": out.logits_per_image,
+    }
+
+
+def build_vit(spec: dict) -> torch.nn.Module:
+    """ViTForImageClassification, or with "class": "ViTModel" a bare ViTModel (with
+    "pooler": false, without its pooler); LayerNorms randomised."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    spec = dict(spec)
+    cls = spec.pop("class", "ViTForImageClassification")
+    pooler = spec.pop("pooler", True)
+    config = ViTConfig(**spec)
+    if cls == "ViTModel":
+        model = ViTModel(config, add_pooling_layer=pooler)
+    else:
+        model = ViTForImageClassification(config)
+    randomise_layer_norms(model, torch.Generator().manual_seed(123))
+    return model
+
+
+def run_vit(model: torch.nn.Module, pixel_values: torch.Tensor, args) -> dict:
+    """{"outputs": logits [b, classes], or a ViTModel's pooler_output [b, d] (its class
+    token after the final norm without a pooler), "cls_hidden": that class token}."""
+    out = model(pixel_values=pixel_values)
+    if hasattr(out, "logits"):
+        return {"outputs": out.logits}
+    hidden = out.last_hidden_state[:, 0]
+    pooled = out.pooler_output if out.pooler_output is not None else hidden
+    return {"outputs": pooled, "cls_hidden": hidden}
+
+
 # kind -> (builder from a JSON spec, forward pass on NCHW images -> named outputs)
-KINDS = {"resnet": (build_resnet, run_resnet), "clip": (build_clip, run_clip)}
+KINDS = {
+    "resnet": (build_resnet, run_resnet),
+    "clip": (build_clip, run_clip),
+    "siglip": (build_siglip, run_siglip),
+    "vit": (build_vit, run_vit),
+}
+
+
+def run_loaded(spec: dict) -> None:
+    """Loads each exported folder with transformers and runs it on the folder's inputs.
+
+    spec: {"folders": [{"dir": D, "class": "CLIPModel"}, ...]}. D/model is the folder
+    `from_pretrained` reads, D/inputs.npz holds `pixel_values_nchw` and/or `input_ids`
+    (Fuyu: `input_ids` [1, L] and `pixel_values` [patches, p*p*3]). Writes
+    D/outputs.npz and D/loading_info.json (missing / unexpected / mismatched keys).
+    """
+    import transformers
+
+    for entry in spec["folders"]:
+        folder = entry["dir"]
+        cls = getattr(transformers, entry["class"])
+        model, info = cls.from_pretrained(os.path.join(folder, "model"), output_loading_info=True)
+        model.eval()
+        inputs = dict(np.load(os.path.join(folder, "inputs.npz")))
+        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        with torch.no_grad():
+            if entry["class"] in ("CLIPModel", "SiglipModel"):
+                out = model(
+                    pixel_values=tensors["pixel_values_nchw"], input_ids=tensors["input_ids"]
+                )
+                outputs = {
+                    "image_embeds": out.image_embeds,
+                    "text_embeds": out.text_embeds,
+                    "logits_per_image": out.logits_per_image,
+                }
+            elif entry["class"] == "FuyuForCausalLM":
+                out = model(input_ids=tensors["input_ids"], pixel_values=tensors["pixel_values"])
+                outputs = {"logits": out.logits}
+            else:
+                out = model(pixel_values=tensors["pixel_values_nchw"])
+                if hasattr(out, "logits"):
+                    outputs = {"logits": out.logits}
+                else:
+                    outputs = {"pooler_output": out.pooler_output.flatten(1)}
+        arrays = {k: v.numpy().astype(np.float32) for k, v in outputs.items()}
+        np.savez(os.path.join(folder, "outputs.npz"), **arrays)
+        loading = {k: sorted(map(str, v)) for k, v in info.items()}
+        with open(os.path.join(folder, "loading_info.json"), "w") as f:
+            json.dump(loading, f)
+    print(f"load: {len(spec['folders'])} folders")
 
 
 # The pre-tokenizer split of transformers' CLIPTokenizer (training must split words the same).
@@ -385,7 +503,7 @@ def run_fuyu(spec: dict, out: str, seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=sorted([*KINDS, "tokenizer", "fuyu"]))
+    parser.add_argument("kind", choices=sorted([*KINDS, "tokenizer", "fuyu", "load"]))
     parser.add_argument("spec", help="JSON object of HF config fields")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
@@ -399,6 +517,9 @@ def main() -> None:
         return
     if args.kind == "fuyu":
         run_fuyu(json.loads(args.spec), args.out, args.seed)
+        return
+    if args.kind == "load":
+        run_loaded(json.loads(args.spec))
         return
 
     build, run = KINDS[args.kind]

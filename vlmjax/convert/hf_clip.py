@@ -8,8 +8,8 @@ i from 0 and T the tower (`vision_model` or `text_model`):
         .self_attn.out_proj                           ->     attn/out
         .mlp.fc1, .mlp.fc2                            ->     mlp/fc1, fc2
     vision_model.embeddings.patch_embedding           -> image_tower/embedding/proj (bias 0)
-    vision_model.embeddings.class_embedding           -> image_tower/cls (+ position row 0)
-    vision_model.embeddings.position_embedding        -> image_tower/pos_embedding (rows 1:)
+    vision_model.embeddings.class_embedding           -> image_tower/cls
+    vision_model.embeddings.position_embedding        -> image_tower/pos_embedding
     vision_model.pre_layrnorm (sic)                   -> image_tower/pre_norm
     vision_model.post_layernorm                       -> image_tower/encoder/norm
     text_model.embeddings.token_embedding             -> text_tower/token_embedding
@@ -18,10 +18,13 @@ i from 0 and T the tower (`vision_model` or `text_model`):
     visual_projection, text_projection                -> image_proj, text_proj
     logit_scale                                       -> log_scale
 
-Two differences are absorbed here. HF's class token gets position row 0 while our ViT adds
-positions to the patch tokens only, so our `cls` is class_embedding + position_embedding[0].
-HF applies post_layernorm to the pooled class token and we apply the encoder's final norm
-to every token before pooling: the same thing, as LayerNorm acts on each token alone.
+The image tower is built with `cls_position=True` (the class token has position row 0, as
+in HF), so every tensor maps one to one and `export` (ours -> HF) gives them back bitwise.
+HF's patch conv has no bias: ours is imported as zeros, and a trained (nonzero) one is
+folded into the patch rows of the position table on export (the same function, up to
+float rounding). HF applies post_layernorm to the pooled class token and we apply the
+encoder's final norm to every token before pooling: the same thing, as LayerNorm acts on
+each token alone.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from vlmjax.convert import blocks, writing
 from vlmjax.convert import tensors as tensors_lib
-from vlmjax.models import clip
+from vlmjax.models import clip, vit
 
 ARCHITECTURES = ("CLIPModel",)
+LAYER = {"vision": "vision_model.encoder.layers.{}", "text": "text_model.encoder.layers.{}"}
 
 # transformers' CLIPVisionConfig / CLIPTextConfig defaults, for fields a config.json omits.
 _VISION_DEFAULTS = dict(
@@ -108,6 +113,7 @@ def model_from_config(config: dict[str, Any]) -> clip.CLIP:
         num_heads=v["num_attention_heads"],
         patch_size=v["patch_size"],
         pool="cls",
+        cls_position=True,
         pre_norm=True,
         activation=_activation("vision", v),
         eps=v["layer_norm_eps"],
@@ -126,46 +132,6 @@ def model_from_config(config: dict[str, Any]) -> clip.CLIP:
         eos_id=None if eos_id == _LEGACY_EOS_ID else eos_id,
     )
     return clip.CLIP(embed_dim=config.get("projection_dim", 512), vision=vision, text=text)
-
-
-def _dense(pool: tensors_lib.TensorPool, hf: str, params: dict, path: tuple[str, ...]) -> None:
-    tensors_lib.put(params, (*path, "kernel"), tensors_lib.dense_kernel(pool.pop(hf + ".weight")))
-    tensors_lib.put(params, (*path, "bias"), pool.pop(hf + ".bias"))
-
-
-def _layer_norm(pool: tensors_lib.TensorPool, hf: str, params: dict, path: tuple[str, ...]):
-    tensors_lib.put(params, (*path, "scale"), pool.pop(hf + ".weight"))
-    tensors_lib.put(params, (*path, "bias"), pool.pop(hf + ".bias"))
-
-
-def _attention(
-    pool: tensors_lib.TensorPool, hf: str, params: dict, path: tuple[str, ...], num_heads: int
-) -> None:
-    """q/k/v/out projections; torch's [h * dh] feature axis splits head-major into [h, dh]."""
-    for name, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-        weight = pool.pop(f"{hf}.{name}.weight")  # [h * dh, d]
-        width = weight.shape[1]
-        kernel = weight.T.reshape(width, num_heads, -1)  # [d, h, dh]
-        tensors_lib.put(params, (*path, ours, "kernel"), np.ascontiguousarray(kernel))
-        bias = pool.pop(f"{hf}.{name}.bias").reshape(num_heads, -1)  # [h, dh]
-        tensors_lib.put(params, (*path, ours, "bias"), bias)
-    weight = pool.pop(f"{hf}.out_proj.weight")  # [d, h * dh]
-    kernel = weight.T.reshape(num_heads, -1, weight.shape[0])  # [h, dh, d]
-    tensors_lib.put(params, (*path, "out", "kernel"), np.ascontiguousarray(kernel))
-    tensors_lib.put(params, (*path, "out", "bias"), pool.pop(f"{hf}.out_proj.bias"))
-
-
-def _encoder(
-    pool: tensors_lib.TensorPool, hf: str, params: dict, path: tuple[str, ...], tower: dict
-) -> None:
-    """The transformer blocks of one tower (our unscanned `layer_{i}` names)."""
-    for i in range(tower["depth"]):
-        src, dst = f"{hf}.encoder.layers.{i}", (*path, "encoder", f"layer_{i}")
-        _layer_norm(pool, f"{src}.layer_norm1", params, (*dst, "norm1"))
-        _attention(pool, f"{src}.self_attn", params, (*dst, "attn"), tower["num_heads"])
-        _layer_norm(pool, f"{src}.layer_norm2", params, (*dst, "norm2"))
-        _dense(pool, f"{src}.mlp.fc1", params, (*dst, "mlp", "fc1"))
-        _dense(pool, f"{src}.mlp.fc2", params, (*dst, "mlp", "fc2"))
 
 
 def variables_from_tensors(
@@ -191,11 +157,12 @@ def variables_from_tensors(
     )
     cls = pool.pop("vision_model.embeddings.class_embedding")  # [d]
     positions = pool.pop("vision_model.embeddings.position_embedding.weight")  # [1 + n, d]
-    tensors_lib.put(params, (*img, "cls"), (cls + positions[0])[None, None])  # [1, 1, d]
-    tensors_lib.put(params, (*img, "pos_embedding", "pos_embedding"), positions[None, 1:])
-    _layer_norm(pool, "vision_model.pre_layrnorm", params, (*img, "pre_norm"))
-    _encoder(pool, "vision_model", params, img, model.vision)
-    _layer_norm(pool, "vision_model.post_layernorm", params, (*img, "encoder", "norm"))
+    tensors_lib.put(params, (*img, "cls"), cls[None, None])  # [1, 1, d]
+    tensors_lib.put(params, (*img, "pos_embedding", "pos_embedding"), positions[None])
+    blocks.norm_in(pool, "vision_model.pre_layrnorm", params, (*img, "pre_norm"))
+    v = model.vision
+    blocks.encoder_in(pool, LAYER["vision"], params, img, v["depth"], v["num_heads"])
+    blocks.norm_in(pool, "vision_model.post_layernorm", params, (*img, "encoder", "norm"))
 
     # Text tower.
     txt = ("text_tower",)
@@ -209,13 +176,13 @@ def variables_from_tensors(
         (*txt, "pos_embedding"),
         pool.pop("text_model.embeddings.position_embedding.weight"),  # [context, d]
     )
-    _encoder(pool, "text_model", params, txt, model.text)
-    _layer_norm(pool, "text_model.final_layer_norm", params, (*txt, "encoder", "norm"))
+    t = model.text
+    blocks.encoder_in(pool, LAYER["text"], params, txt, t["depth"], t["num_heads"])
+    blocks.norm_in(pool, "text_model.final_layer_norm", params, (*txt, "encoder", "norm"))
 
     # Projections (bias-free in both) and the temperature.
     for hf, ours in (("visual_projection", "image_proj"), ("text_projection", "text_proj")):
-        weight = pool.pop(hf + ".weight")  # [E, d]
-        tensors_lib.put(params, (ours, "kernel"), tensors_lib.dense_kernel(weight))
+        blocks.dense_in(pool, hf, params, (ours,), bias=False)  # [E, d] -> [d, E]
     tensors_lib.put(params, ("log_scale",), pool.pop("logit_scale").reshape(()))
 
     pool.assert_consumed()
@@ -243,3 +210,157 @@ def convert(
     if scale > model.max_scale:
         model = model.clone(max_scale=scale)
     return model, variables
+
+
+# --- ours -> HF (convert.to_hf) ------------------------------------------------------
+
+# Our activation -> transformers' hidden_act (the inverse of _ACTIVATIONS).
+_HF_ACTIVATIONS = {ours: hf for hf, ours in _ACTIVATIONS.items()}
+
+
+def image_size(tower: vit.ViT, positions: np.ndarray) -> int:
+    """The square image side a ViT's position table [1, n (+1), d] was made for."""
+    patches = positions.shape[1] - (1 if tower.cls_position else 0)
+    grid = math.isqrt(patches)
+    if grid * grid != patches:
+        raise ValueError(
+            f"the position table has {patches} patch rows, not a square grid: HF configs "
+            f"describe square images (image_size) only"
+        )
+    return grid * tower.hparams()["patch_size"]
+
+
+def vit_problems(tower: vit.ViT, prefix: str, pool: str, pre_norm: bool, acts: dict) -> list:
+    """What an HF ViT-style tower with `pool`, `pre_norm` and activations `acts` cannot be."""
+    problems = []
+    if tower.pool != pool:
+        problems.append(f"{prefix}pool={tower.pool!r} (the HF model pools with {pool!r})")
+    if tower.pre_norm != pre_norm:
+        problems.append(f"{prefix}pre_norm={tower.pre_norm} (the HF model has {pre_norm})")
+    if tower.rep_size:
+        problems.append(f"{prefix}rep_size={tower.rep_size} (the HF model has no pre-logits)")
+    if tower.activation not in acts:
+        problems.append(f"{prefix}activation={tower.activation!r} (supported: {sorted(acts)})")
+    return problems
+
+
+def vit_embeddings_out(
+    tower: vit.ViT, leaves: writing.LeafPool, path: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patch conv weight [d, c, p, p], class token [d], positions [1 + n, d]) in HF's form.
+
+    Without `cls_position` the class token's position row is zeros (HF adds row 0 to it);
+    a nonzero patch bias (HF's conv has none) is added to the patch rows, which gives the
+    same embeddings up to rounding. A zero bias changes nothing, bitwise.
+    """
+    weight = writing.conv_weight(leaves.pop(f"{path}/embedding/proj/kernel"))
+    bias = leaves.pop(f"{path}/embedding/proj/bias")  # [d]
+    cls = leaves.pop(f"{path}/cls")[0, 0]  # [d]
+    positions = leaves.pop(f"{path}/pos_embedding/pos_embedding")[0]  # [n (+1), d]
+    if not tower.cls_position:
+        positions = np.concatenate([np.zeros_like(positions[:1]), positions])
+    if np.any(bias):
+        positions = np.concatenate([positions[:1], positions[1:] + bias])
+    return weight, cls, positions
+
+
+def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json dict, {tensor name: array}) of an HF CLIPModel equal to `model`.
+
+    Raises ValueError naming every option CLIPModel cannot express (a ResNet image tower,
+    a SigLIP-style head, pooling, activations) before anything is built.
+    """
+    image, text_tower = clip.towers(model)
+    problems = []
+    if model.image_model != "vit":
+        problems.append(f"image_model={model.image_model!r} (CLIPModel's image tower is a ViT)")
+    else:
+        problems += vit_problems(image, "vision.", "cls", True, _HF_ACTIVATIONS)
+    if text_tower.pool != "eos":
+        problems.append(f"text.pool={text_tower.pool!r} (CLIPModel pools at the EOS token)")
+    if not text_tower.causal:
+        problems.append("text.causal=False (CLIPModel's text tower is causal)")
+    if text_tower.activation not in _HF_ACTIVATIONS:
+        problems.append(
+            f"text.activation={text_tower.activation!r} (supported: {sorted(_HF_ACTIVATIONS)})"
+        )
+    for field in ("image_projection", "text_projection"):
+        if getattr(model, field) != "linear":
+            problems.append(f"{field}={getattr(model, field)!r} (CLIPModel's is 'linear')")
+    if model.sigmoid_bias is not None:
+        problems.append(
+            f"sigmoid_bias={model.sigmoid_bias} (CLIPModel has no logit bias; SiglipModel has)"
+        )
+    blocks.unsupported("CLIPModel", problems)
+
+    leaves = writing.LeafPool(variables)
+    out: dict[str, np.ndarray] = {}
+    v, img = image.hparams(), "params/image_tower"
+    weight, cls, positions = vit_embeddings_out(image, leaves, img)
+    size = image_size(image, positions[None])
+    writing.put(out, "vision_model.embeddings.patch_embedding.weight", weight)
+    writing.put(out, "vision_model.embeddings.class_embedding", cls)
+    writing.put(out, "vision_model.embeddings.position_embedding.weight", positions)
+    blocks.norm_out(leaves, f"{img}/pre_norm", out, "vision_model.pre_layrnorm")
+    blocks.encoder_out(leaves, img, out, LAYER["vision"], v["depth"])
+    blocks.norm_out(leaves, f"{img}/encoder/norm", out, "vision_model.post_layernorm")
+
+    txt = "params/text_tower"
+    token_embedding = leaves.pop(f"{txt}/token_embedding/embedding")
+    writing.put(out, "text_model.embeddings.token_embedding.weight", token_embedding)
+    writing.put(
+        out, "text_model.embeddings.position_embedding.weight", leaves.pop(f"{txt}/pos_embedding")
+    )
+    blocks.encoder_out(leaves, txt, out, LAYER["text"], text_tower.depth)
+    blocks.norm_out(leaves, f"{txt}/encoder/norm", out, "text_model.final_layer_norm")
+    blocks.dense_out(leaves, "params/image_proj", out, "visual_projection", bias=False)
+    blocks.dense_out(leaves, "params/text_proj", out, "text_projection", bias=False)
+    writing.put(out, "logit_scale", log_scale_out(leaves.pop("params/log_scale"), model.max_scale))
+    leaves.assert_consumed()
+
+    config = {
+        "architectures": list(ARCHITECTURES),
+        "model_type": "clip",
+        "projection_dim": model.embed_dim,
+        "vision_config": dict(
+            model_type="clip_vision_model",
+            hidden_size=v["width"],
+            intermediate_size=v["mlp_dim"],
+            num_hidden_layers=v["depth"],
+            num_attention_heads=v["num_heads"],
+            num_channels=int(weight.shape[1]),
+            image_size=size,
+            patch_size=v["patch_size"],
+            hidden_act=_HF_ACTIVATIONS[image.activation],
+            layer_norm_eps=image.eps,
+            projection_dim=model.embed_dim,
+        ),
+        "text_config": dict(
+            model_type="clip_text_model",
+            vocab_size=text_tower.vocab_size,
+            hidden_size=text_tower.width,
+            intermediate_size=text_tower.mlp_dim,
+            num_hidden_layers=text_tower.depth,
+            num_attention_heads=text_tower.num_heads,
+            max_position_embeddings=text_tower.context_length,
+            hidden_act=_HF_ACTIVATIONS[text_tower.activation],
+            layer_norm_eps=text_tower.eps,
+            # transformers pools at the argmax of the ids when eos_token_id is 2 (our None).
+            eos_token_id=_LEGACY_EOS_ID if text_tower.eos_id is None else text_tower.eos_id,
+            pad_token_id=text_tower.pad_id,
+            projection_dim=model.embed_dim,
+        ),
+    }
+    if text_tower.eos_id == _LEGACY_EOS_ID:
+        raise ValueError(
+            f"text.eos_id={_LEGACY_EOS_ID}: transformers reads eos_token_id=2 as 'pool at the "
+            f"argmax of the ids' (legacy CLIP configs), not at token 2"
+        )
+    return config, out
+
+
+def log_scale_out(log_scale: np.ndarray, max_scale: float) -> np.ndarray:
+    """Our log temperature [] -> HF's logit_scale [1], clamped as our model clamps it
+    (transformers never clamps)."""
+    clamped = np.minimum(log_scale, np.float32(math.log(max_scale)))
+    return np.asarray(clamped, np.float32).reshape(1)

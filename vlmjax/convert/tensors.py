@@ -78,12 +78,8 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(config.json as a dict, {tensor name: array}) of a `save_pretrained` folder.
-
-    Only safetensors (single file or sharded with an index) are read: pickled
-    `pytorch_model.bin` files would need torch here and can run arbitrary code.
-    """
+def read_config(path: str) -> dict[str, Any]:
+    """config.json of the `save_pretrained` folder `path`, as a dict (no tensors read)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory (expected a save_pretrained folder)")
     config_path = os.path.join(path, "config.json")
@@ -92,7 +88,16 @@ def read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"no config.json in {path!r}: expected a Hugging Face save_pretrained folder"
         )
     with open(config_path) as f:
-        config = json.load(f)
+        return json.load(f)
+
+
+def read_folder(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json as a dict, {tensor name: array}) of a `save_pretrained` folder.
+
+    Only safetensors (single file or sharded with an index) are read: pickled
+    `pytorch_model.bin` files would need torch here and can run arbitrary code.
+    """
+    config = read_config(path)
 
     if os.path.isfile(os.path.join(path, SINGLE_FILE)):
         files = [SINGLE_FILE]

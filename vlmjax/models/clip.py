@@ -7,6 +7,11 @@ learnable bias. Losses live elsewhere; this module only produces the embeddings 
 
 Parameters: `image_tower/...`, `text_tower/...`, `image_proj/kernel` [width_img, E],
 `text_proj/kernel` [width_txt, E], `log_scale` [], and `bias` [] when `sigmoid_bias` is set.
+
+SigLIP (as Hugging Face's SiglipModel has it) is `image_projection="none"` (the MAP-pooled
+image tower's output is the embedding: vision width == embed_dim) and
+`text_projection="linear_bias"` (the text tower's `head`, a Dense with bias), with the
+towers' SigLIP fields (`vit.ViT`, `text.TextTransformer`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from vlmjax.models import convnets, layers, text, vit
 # OpenAI CLIP ViT-B/16's image tower. A `vision` dict is merged over this; to give sizes
 # explicitly, pass `variant=None` with width/depth/mlp_dim/num_heads/patch_size.
 VISION_DEFAULTS = dict(variant="B/16", pool="cls", pre_norm=True, activation="quick_gelu", eps=1e-5)
+
+# How a tower's pooled output becomes its embedding: a bias-free Dense to embed_dim (CLIP),
+# one with a bias (SigLIP's text head), or none (the pooled output already is embed_dim).
+PROJECTIONS = ("linear", "linear_bias", "none")
 
 
 class CLIP(nn.Module):
@@ -42,29 +51,27 @@ class CLIP(nn.Module):
     max_scale: float = 100.0
     sigmoid_bias: float | None = None
     dtype: str = "float32"
+    image_projection: str = "linear"
+    text_projection: str = "linear"
 
     def setup(self):
-        text_cfg = {"dtype": self.dtype, **(self.text or {})}
-        if self.image_model == "vit":
-            vision_cfg = {"dtype": self.dtype, **VISION_DEFAULTS, **(self.vision or {})}
-            self.image_tower = vit.ViT(**{**vision_cfg, "num_classes": 0})
-        elif self.image_model == "resnet":
-            vision_cfg = {"dtype": self.dtype, **(self.vision or {})}
-            self.image_tower = convnets.ResNet(**{**vision_cfg, "num_classes": 0})
-        else:
-            raise ValueError(f"image_model={self.image_model!r} is not 'vit' or 'resnet'")
-        self.text_tower = text.TextTransformer(**text_cfg)
+        self.image_tower, self.text_tower = towers(self)
 
-        def projection():
+        def projection(kind: str, field: str) -> nn.Dense | None:
+            if kind not in PROJECTIONS:
+                raise ValueError(f"{field}={kind!r} is not one of {PROJECTIONS}")
+            if kind == "none":
+                return None
             return nn.Dense(
                 self.embed_dim,
-                use_bias=False,
+                use_bias=kind == "linear_bias",
                 dtype=jnp.dtype(self.dtype),
                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)),
             )
 
-        self.image_proj = projection()
-        self.text_proj = projection()
+        self.image_proj = projection(self.image_projection, "image_projection")
+        self.text_proj = projection(self.text_projection, "text_projection")
         self.log_scale = self.param(
             "log_scale",
             nn.initializers.constant(math.log(1.0 / self.init_temperature)),
@@ -73,8 +80,16 @@ class CLIP(nn.Module):
         if self.sigmoid_bias is not None:
             self.bias = self.param("bias", nn.initializers.constant(self.sigmoid_bias), ())
 
-    def _embed(self, proj: nn.Dense, x: jax.Array) -> jax.Array:
-        z = proj(x.astype(jnp.dtype(self.dtype))).astype(jnp.float32)  # [b, E]
+    def _embed(self, proj: nn.Dense | None, x: jax.Array) -> jax.Array:
+        if proj is None:
+            if x.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"a tower without projection gives width {x.shape[-1]}, not "
+                    f"embed_dim={self.embed_dim}: set embed_dim to the tower's width"
+                )
+            z = x.astype(jnp.float32)  # [b, E]
+        else:
+            z = proj(x.astype(jnp.dtype(self.dtype))).astype(jnp.float32)  # [b, E]
         # Normalise in float32; the epsilon only guards an all-zero row.
         return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
@@ -97,3 +112,21 @@ class CLIP(nn.Module):
             log_scale=jnp.minimum(self.log_scale, math.log(self.max_scale)),
             bias=self.bias if self.sigmoid_bias is not None else None,
         )
+
+
+def towers(model: CLIP) -> tuple[nn.Module, text.TextTransformer]:
+    """(image tower, text tower) of `model` with every field resolved (defaults merged in).
+
+    Called outside a module they are unbound, for code that reads their hyperparameters
+    (the exporters); `CLIP.setup` builds its submodules with it.
+    """
+    text_cfg = {"dtype": model.dtype, **(model.text or {})}
+    if model.image_model == "vit":
+        vision_cfg = {"dtype": model.dtype, **VISION_DEFAULTS, **(model.vision or {})}
+        image_tower = vit.ViT(**{**vision_cfg, "num_classes": 0})
+    elif model.image_model == "resnet":
+        vision_cfg = {"dtype": model.dtype, **(model.vision or {})}
+        image_tower = convnets.ResNet(**{**vision_cfg, "num_classes": 0})
+    else:
+        raise ValueError(f"image_model={model.image_model!r} is not 'vit' or 'resnet'")
+    return image_tower, text.TextTransformer(**text_cfg)

@@ -152,7 +152,8 @@ class HeadsMerge(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention over [b, l, d] inputs."""
+    """Multi-head attention over [b, l, d] inputs: self-attention, or with `inputs_kv`
+    [b, m, d] cross-attention (queries from x, keys and values from inputs_kv)."""
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -160,15 +161,18 @@ class MultiHeadAttention(nn.Module):
     is_causal: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None = None, inputs_kv: jax.Array | None = None
+    ) -> jax.Array:
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
+        kv = x if inputs_kv is None else inputs_kv
         q, k, v = (
-            HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=n)(x)
-            for n in ("query", "key", "value")
-        )  # [b, l, h, dh] each
+            HeadsProjection(self.num_heads, head_dim, dtype=self.dtype, name=n)(source)
+            for n, source in (("query", x), ("key", kv), ("value", kv))
+        )  # [b, l, h, dh], [b, m, h, dh] x 2
         q, k, v = (
             nn.with_logical_constraint(t, ("batch", "length", "act_heads", "act_kv"))
             for t in (q, k, v)

@@ -1,8 +1,9 @@
 """CLIP's text tower (Radford et al., 2021): token + learned position embeddings, a causal
-pre-LN transformer, a final LayerNorm, and one pooled token.
+pre-LN transformer, a final LayerNorm, and one pooled token. With `causal=False` and
+`pool="final"` it is SigLIP's text tower.
 
 Tokens [b, L] (int, L <= context_length) -> pooled [b, width] in float32. The blocks are
-ViT's (`vit.Encoder` with `is_causal=True`), so scan and remat work the same way.
+ViT's (`vit.Encoder` with `is_causal=causal`), so scan and remat work the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 from vlmjax.models import layers, vit
 
-POOLS = ("eos", "last")
+POOLS = ("eos", "last", "final")
 
 
 def pool_index(
@@ -24,6 +25,8 @@ def pool_index(
     "eos": the first `eos_id`; with `eos_id=None`, the argmax of the token ids, as OpenAI
     CLIP does (its EOS, 49407, is the largest id). A row without `eos_id` (truncated text)
     uses its last position. "last": the last position that is not `pad_id` (0 if all are).
+    "final": position L - 1 whatever it holds (SigLIP pads every text to the same length and
+    pools there, padding or not).
     """
     _, length = tokens.shape
     if pool == "eos":
@@ -34,13 +37,16 @@ def pool_index(
     if pool == "last":
         positions = jnp.where(tokens != pad_id, jnp.arange(length), 0)  # [b, L]
         return positions.max(axis=-1)
+    if pool == "final":
+        return jnp.full(tokens.shape[:1], length - 1)
     raise ValueError(f"pool={pool!r} is not one of {POOLS}")
 
 
 class TextTransformer(nn.Module):
     """Tokens [b, L] -> pooled [b, width] float32 (and the sequence [b, L, width] on request).
 
-    Defaults are OpenAI CLIP's text tower (ViT-B/16 and B/32 models).
+    Defaults are OpenAI CLIP's text tower (ViT-B/16 and B/32 models). SigLIP's text tower
+    is `causal=False, pool="final", activation="gelu_tanh", eps=1e-6`.
     """
 
     vocab_size: int = 49408
@@ -59,6 +65,8 @@ class TextTransformer(nn.Module):
     attention: str = "xla"
     scan: bool = False
     remat: str = "none"
+    # CLIP masks attention causally; SigLIP's text tower attends both ways.
+    causal: bool = True
 
     @nn.compact
     def __call__(
@@ -101,7 +109,7 @@ class TextTransformer(nn.Module):
             attention=self.attention,
             scan=self.scan,
             remat=self.remat,
-            is_causal=True,
+            is_causal=self.causal,
             activation=self.activation,
             eps=self.eps,
             name="encoder",

@@ -1,4 +1,5 @@
-"""Vision Transformer (Dosovitskiy et al., 2021): patchify, pre-LN encoder, cls or GAP head.
+"""Vision Transformer (Dosovitskiy et al., 2021): patchify, pre-LN encoder, cls, GAP or MAP
+pooling, an optional pre-logits layer, a linear head.
 
 Sizes come from a small table; `variant="B/16"` sets width, depth, MLP size, heads and
 patch size at once, and explicit fields are used when `variant` is None.
@@ -133,6 +134,41 @@ class Encoder(nn.Module):
         return layers.layer_norm(self.dtype, name="norm", epsilon=self.eps)(x)
 
 
+class MAPHead(nn.Module):
+    """Multihead attention pooling (Lee et al., 2019; SigLIP's and big_vision's MAP head):
+    a learned probe token attends to all tokens, then x + MLP(LN(x)). [b, n, d] -> [b, d].
+
+    The attention always takes the XLA path: with one query token a fused kernel gains
+    nothing, and cuDNN refuses such lengths (NOTES.md).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    dtype: layers.Dtype = jnp.float32
+    activation: str = "gelu"
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, d = x.shape
+        probe = self.param(
+            "probe",
+            layers.partitioned(nn.initializers.xavier_uniform(), (None, None, "embed")),
+            (1, 1, d),
+        )
+        probe = jnp.broadcast_to(probe, (b, 1, d)).astype(self.dtype)  # [b, 1, d]
+        y = layers.MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
+            probe, inputs_kv=x
+        )  # [b, 1, d]
+        z = layers.layer_norm(self.dtype, name="norm", epsilon=self.eps)(y)
+        mlp = layers.Mlp(self.mlp_dim, dtype=self.dtype, activation=self.activation, name="mlp")
+        y = y + mlp(z)
+        return y[:, 0]  # [b, d]
+
+
+POOLS = ("cls", "gap", "map")
+
+
 class ViT(nn.Module):
     """Images [b, H, W, c] (float, already normalised) -> logits [b, num_classes] float32.
 
@@ -141,7 +177,15 @@ class ViT(nn.Module):
 
     OpenAI CLIP's image tower is `pool="cls", pre_norm=True, activation="quick_gelu",
     eps=1e-5`: its `ln_pre` is `pre_norm`, and its `ln_post` (on the class token) is the
-    encoder's final norm, since LayerNorm acts on each token alone.
+    encoder's final norm, since LayerNorm acts on each token alone. SigLIP's is
+    `pool="map", activation="gelu_tanh", eps=1e-6`; Hugging Face's ViT is `pool="cls",
+    cls_position=True, eps=1e-12`.
+
+    `cls_position`: the position table also has a row for the class token ([1, 1 + n, d],
+    added after the token is prepended, as in HF CLIP/ViT and timm); by default the table
+    covers the patches only ([1, n, d]) and the class token has no position.
+    `rep_size` > 0 adds the original ViT's pre-logits layer, Dense(rep_size) + tanh, after
+    pooling (HF ViTModel's "pooler").
     """
 
     num_classes: int = 1000
@@ -161,6 +205,8 @@ class ViT(nn.Module):
     activation: str = "gelu"
     eps: float = 1e-6
     pre_norm: bool = False
+    cls_position: bool = False
+    rep_size: int = 0
 
     def hparams(self) -> dict[str, int]:
         if self.variant:
@@ -175,8 +221,12 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        if self.pool not in ("cls", "gap"):
-            raise ValueError(f"pool={self.pool!r} must be 'cls' or 'gap'")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool={self.pool!r} is not one of {POOLS}")
+        if self.cls_position and self.pool != "cls":
+            raise ValueError(
+                f"cls_position=True needs a class token (pool='cls'), not pool={self.pool!r}"
+            )
         if images.ndim != 4:
             raise ValueError(
                 f"ViT expects images [batch, height, width, channels], got {images.shape}"
@@ -186,7 +236,8 @@ class ViT(nn.Module):
         x = layers.PatchEmbed(hp["patch_size"], hp["width"], dtype=dtype, name="embedding")(
             images.astype(dtype)
         )  # [b, n, d]
-        x = layers.LearnedPosEmbed(name="pos_embedding")(x)
+        if not self.cls_position:
+            x = layers.LearnedPosEmbed(name="pos_embedding")(x)
         if self.pool == "cls":
             cls = self.param(
                 "cls",
@@ -195,7 +246,9 @@ class ViT(nn.Module):
             )
             x = jnp.concatenate(
                 [jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])).astype(dtype), x], axis=1
-            )
+            )  # [b, 1 + n, d]
+        if self.cls_position:
+            x = layers.LearnedPosEmbed(name="pos_embedding")(x)
         if self.pre_norm:
             x = layers.layer_norm(dtype, name="pre_norm", epsilon=self.eps)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
@@ -212,7 +265,26 @@ class ViT(nn.Module):
             eps=self.eps,
             name="encoder",
         )(x, not train)  # [b, n(+1), d]
-        pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)  # [b, d]
+        if self.pool == "map":
+            pooled = MAPHead(
+                hp["num_heads"],
+                hp["mlp_dim"],
+                dtype=dtype,
+                activation=self.activation,
+                eps=self.eps,
+                name="map_head",
+            )(x)  # [b, d]
+        else:
+            pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)  # [b, d]
+        if self.rep_size:
+            pooled = nn.Dense(
+                self.rep_size,
+                dtype=dtype,
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)),
+                name="pre_logits",
+            )(pooled)
+            pooled = jnp.tanh(pooled)  # [b, rep_size]
         if not self.num_classes:
             return pooled
         head_init = (
