@@ -271,6 +271,7 @@ RANGES: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
     "optimizer.momentum": (float, 0, 1, True, True),
     "optimizer.grad_clip_norm": (float, 0, None, True, False),  # 0 or None: off
     "optimizer.grad_accum_steps": (int, 1, None, True, False),
+    "optimizer.ema_decay": (float, 0, 1, True, False),
     "loss.label_smoothing": (float, 0, 1, True, False),
 }
 
@@ -333,6 +334,28 @@ def _source_problem(data: Any) -> str | None:
     return None  # perhaps a real tfds dataset not prepared yet: the data layer says how
 
 
+def _preprocessing_problems(data: Any) -> list[str]:
+    """data.mean / data.std: 3 numbers (std > 0); data.interpolation: a known filter."""
+    problems = []
+    for key in ("mean", "std"):
+        value = data.get(key, (0.5, 0.5, 0.5))
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            problems.append(
+                f"data.{key}={value!r} must be 3 numbers (R, G, B), e.g. (0.5, 0.5, 0.5)"
+            )
+        elif key == "std" and min(value) <= 0:
+            problems.append(f"data.std={value!r} must be > 0 in every channel")
+    if problem := _choice_problem(
+        "data.interpolation", data.get("interpolation", "bilinear"), ("bilinear", "bicubic")
+    ):
+        problems.append(problem)
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError listing every key out of range, of the wrong type or not one of
     its choices (with did-you-mean), so a bad value fails before anything is built rather
@@ -376,5 +399,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if present and isinstance(data, ml_collections.ConfigDict | dict):
         if problem := _source_problem(data):
             problems.append(problem)
+        problems += _preprocessing_problems(data)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Start a new run from another run's parameters: a workdir, its checkpoints/ or one
     # checkpoints/<step>; only params whose path fullmatches init_from_params are taken,
     # the rest keep their fresh initialisation. Ignored when the workdir has a checkpoint.
+    # "hf:FOLDER": a Hugging Face save_pretrained folder (CLIP, SigLIP, ViT, ResNet, Fuyu),
+    # which also sets model_name, model.*, data.tokenizer and the preprocessing (init_hf.py).
     c.init_from = ""
     c.init_from_params = ".*"
     c.init_from_step = -1  # -1: the latest
@@ -40,6 +42,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Comma-separated: random_resized_crop (first), flip, shift, channel_shuffle.
     c.data.augment = ""
     c.data.eval_crop_fraction = 1.0  # eval: resize the short side to size/fraction, crop centre
+    # Pixels x in [0, 1] go to (x - mean) / std per channel on the device (HF's image_mean /
+    # image_std); 0.5, 0.5 is [-1, 1]. Resizing: "bilinear" or "bicubic" (PIL), long side
+    # rounded down as torchvision/HF do. init_from=hf: fills these from preprocessor_config.
+    c.data.mean = (0.5, 0.5, 0.5)
+    c.data.std = (0.5, 0.5, 0.5)
+    c.data.interpolation = "bilinear"
     c.data.num_threads = 2
     c.data.prefetch = 4  # batches read ahead
     c.data.num_train = 20000  # shapes only: examples rendered per split

@@ -47,7 +47,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.decay_pos_embedding = False
     c.frozen = ""  # regex of params whose updates are zeroed; "" = nothing frozen
     c.lr_multipliers = ()  # ((regex, factor), ...); the first matching regex wins
+    # Exponential moving average of the params (0 = off): ema <- d * ema + (1 - d) * params
+    # after every step, started at the initial (or imported) params, kept in the train state
+    # (sharded like the params, checkpointed) and used by the evaluators and `vlmjax export`
+    # in place of the raw params. 0.999-0.9999 for long runs (about 1 / (1 - d) steps of memory).
+    c.ema_decay = 0.0
     return c
+
+
+def ema_update(ema, params, decay: float):
+    """One EMA step: decay * ema + (1 - decay) * params, leaf by leaf (float32 trees alike)."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:

@@ -28,7 +28,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmjax import checkpoint, evaluators, finite, lock, mfu, optim, tasks, writers
+from vlmjax import checkpoint, evaluators, finite, init_hf, lock, mfu, optim, tasks, writers
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import pipeline, sources
@@ -57,13 +57,19 @@ class TrainState:
     opt_state: Any
     model_state: Any  # non-parameter collections, e.g. {"batch_stats": ...}; {} for a ViT
     rng: jax.Array  # uint32 [2]; folded with the step, never split in place
+    # optimizer.ema_decay > 0: the moving average of `params` (same tree and shardings) that
+    # evaluators and export use (see evaluators/common.py `variables`); None when off.
+    ema: Any = None
 
 
 # --- building blocks (pure functions; the loop below wires them together) -------------------
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, init_inputs, mesh):
-    """(init_fn, shardings, abstract state) for a TrainState of `model` on `mesh`.
+def state_shardings(
+    model: nn.Module, tx: optax.GradientTransformation, init_inputs, mesh, ema: bool = False
+):
+    """(init_fn, shardings, abstract state) for a TrainState of `model` on `mesh` (with an
+    EMA of the params, started at the initial ones, when `ema`).
 
     Parameter shardings come from the modules' logical axis names; optimizer-state leaves
     that mirror parameters (Adam's moments, momentum) take their parameter's sharding.
@@ -83,6 +89,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, init_inp
             opt_state=tx.init(params),
             model_state=variables,
             rng=state_rng,
+            ema=jax.tree.map(jnp.copy, params) if ema else None,
         )
 
     rng = jax.random.PRNGKey(0)
@@ -105,6 +112,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, init_inp
         opt_state=opt_shardings,
         model_state=var_shardings,
         rng=rep,
+        ema=param_shardings if ema else None,
     )
     return init_fn, shardings, abstract
 
@@ -125,9 +133,15 @@ def _microbatches(batch: dict[str, jax.Array], k: int, mesh) -> dict[str, jax.Ar
 
 
 def make_train_step(
-    loss_fn: Callable, tx, schedule, accum_steps: int, mesh, batch_grad_fn: Callable | None = None
+    loss_fn: Callable,
+    tx,
+    schedule,
+    accum_steps: int,
+    mesh,
+    batch_grad_fn: Callable | None = None,
+    ema_decay: float = 0.0,
 ) -> Callable:
-    """train_step(state, batch) -> (state, metrics).
+    """train_step(state, batch) -> (state, metrics); `ema_decay` > 0 also steps the EMA.
 
     With `accum_steps` > 1 the batch runs as that many micro-batches: `batch_grad_fn` (a
     task's `grad_fn`: the whole batch's objective, e.g. a contrastive loss over every pair)
@@ -171,6 +185,8 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
         )
+        if ema_decay:
+            new_state = new_state.replace(ema=optim.ema_update(state.ema, params, ema_decay))
         return new_state, metrics
 
     return train_step
@@ -196,11 +212,20 @@ def setup(config: ml_collections.ConfigDict, task: tasks.Task, mesh) -> Setup:
     """
     model = task.model
     tx, schedule = optim.build(config.optimizer, config.total_steps)
-    init_fn, shardings, abstract = state_shardings(model, tx, task.init_inputs, mesh)
+    ema_decay = config.optimizer.get("ema_decay", 0.0)
+    init_fn, shardings, abstract = state_shardings(
+        model, tx, task.init_inputs, mesh, ema=bool(ema_decay)
+    )
     batch_sharding = mesh_lib.batch_sharding(mesh)
     rep = mesh_lib.replicated(mesh)
     step_fn = make_train_step(
-        task.loss_fn, tx, schedule, config.optimizer.grad_accum_steps, mesh, task.grad_fn
+        task.loss_fn,
+        tx,
+        schedule,
+        config.optimizer.grad_accum_steps,
+        mesh,
+        task.grad_fn,
+        ema_decay,
     )
     return Setup(
         model=model,
@@ -220,8 +245,12 @@ def setup(config: ml_collections.ConfigDict, task: tasks.Task, mesh) -> Setup:
 
 def _init_from(config: ml_collections.ConfigDict, run: Setup, state: TrainState) -> TrainState:
     """`state` with the parameters selected by `config.init_from_params` taken from
-    `config.init_from` (onto this run's shardings); optimizer state stays fresh."""
+    `config.init_from` (onto this run's shardings); optimizer state stays fresh. An
+    `hf:FOLDER` is a Hugging Face folder (vlmjax/init_hf.py)."""
     from flax import traverse_util
+
+    if init_hf.folder_of(config.init_from) is not None:
+        return init_hf.init_state(config, run, state)
 
     step = None if config.init_from_step < 0 else config.init_from_step
     loaded = checkpoint.load_params(
@@ -230,7 +259,8 @@ def _init_from(config: ml_collections.ConfigDict, run: Setup, state: TrainState)
     params = traverse_util.flatten_dict(state.params, sep="/")
     params.update(loaded)
     log.info("init_from %s: %d of %d parameter arrays", config.init_from, len(loaded), len(params))
-    return state.replace(params=traverse_util.unflatten_dict(params, sep="/"))
+    state = state.replace(params=traverse_util.unflatten_dict(params, sep="/"))
+    return init_hf.restart_ema(state)
 
 
 def evaluate_checkpoint(
@@ -355,6 +385,7 @@ def train(
     (`lock.py`); a state whose loss went inf/NaN is never saved (`finite.guard_finite`); on any
     exception the save in flight is finished and everything is closed before it propagates.
     """
+    init_hf.resolve(config)  # init_from=hf:FOLDER decides the model and preprocessing
     check_config(config)
     is_main = jax.process_index() == 0
 

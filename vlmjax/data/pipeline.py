@@ -25,16 +25,22 @@ Example = dict[str, np.ndarray]
 # --- per-example transforms (numpy, host side) ---------------------------------------------
 
 
-def as_image(image: np.ndarray, image_size: int | None, crop_fraction: float) -> np.ndarray:
-    """uint8 [h, w, c] (or [h, w]) -> uint8 [S, S, 3] (resized only when needed), or
-    [h, w, 3] when image_size is None (a random-resized-crop comes later)."""
+def as_image(
+    image: np.ndarray,
+    image_size: int | None,
+    crop_fraction: float,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """uint8 [h, w, c] (or [h, w]) -> uint8 [S, S, 3] (resized only when needed, with
+    `interpolation`: data.interpolation), or [h, w, 3] when image_size is None (a
+    random-resized-crop comes later)."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     if image_size and image.shape[:2] != (image_size, image_size):
-        image = image_ops.resize_center_crop(image, image_size, crop_fraction)
+        image = image_ops.resize_center_crop(image, image_size, crop_fraction, interpolation)
     return image.astype(np.uint8)
 
 
@@ -90,6 +96,7 @@ def classification_features(
     image_key, label_key = cfg.image_key, cfg.label_key
     size = cfg.image_size if resize else None
     crop_fraction = cfg.get("eval_crop_fraction", 1.0)
+    interpolation = cfg.get("interpolation", "bilinear")
 
     def features(record: Mapping[str, Any]) -> Example:
         for key in (image_key, label_key):
@@ -99,7 +106,7 @@ def classification_features(
                     f"set data.image_key / data.label_key"
                 )
         out = {
-            "image": as_image(record[image_key], size, crop_fraction),
+            "image": as_image(record[image_key], size, crop_fraction, interpolation),
             "label": np.asarray(record[label_key], np.int32),
         }
         if "novel" in record:

@@ -92,8 +92,12 @@ def image_fetch(data: Data, source: Any, fields: tuple[str, ...] = ()) -> Callab
                 f"record {index} has no '{cfg.image_key}' field (fields: {sorted(record)}); "
                 "set image_key"
             )
-        out = {"image": pipeline.as_image(record[cfg.image_key], cfg.image_size,
-                                          cfg.eval_crop_fraction)}  # fmt: skip
+        image = record[cfg.image_key]
+        out = {
+            "image": pipeline.as_image(
+                image, cfg.image_size, cfg.eval_crop_fraction, cfg.get("interpolation", "bilinear")
+            )
+        }
         for field in fields:
             out[field] = np.asarray(record[field])
         return out
@@ -172,5 +176,8 @@ def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
 
 
 def variables(state) -> dict:
-    """A TrainState's params and non-parameter collections, as `model.apply` takes them."""
-    return {"params": state.params, **state.model_state}
+    """A TrainState's params and non-parameter collections, as `model.apply` takes them:
+    the EMA of the params when the run keeps one (optimizer.ema_decay > 0), else the params.
+    (BatchNorm statistics are the running ones either way.)"""
+    ema = getattr(state, "ema", None)
+    return {"params": state.params if ema is None else ema, **state.model_state}

@@ -70,9 +70,29 @@ def fake_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, 
     }
 
 
-def normalise(images: jax.Array) -> jax.Array:
-    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
+DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+def normalise(
+    images: jax.Array,
+    mean: tuple[float, ...] = DEFAULT_MEAN,
+    std: tuple[float, ...] = DEFAULT_STD,
+) -> jax.Array:
+    """uint8 [..., 3] in [0, 255] -> float32 (x / 255 - mean) / std per channel (`data.mean`,
+    `data.std`, in [0, 1] pixel units as HF's image_mean / image_std); the defaults give
+    [-1, 1]."""
+    x = images.astype(jnp.float32)
+    if tuple(mean) == DEFAULT_MEAN and tuple(std) == DEFAULT_STD:
+        return x / 127.5 - 1.0  # the formula runs from scratch have always used, bit for bit
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    return (x / 255.0 - mean) / std
+
+
+def normaliser(data: ml_collections.ConfigDict):
+    """`normalise` with the run's `data.mean` / `data.std` (fixed when the task is built)."""
+    mean = tuple(float(v) for v in data.get("mean", DEFAULT_MEAN))
+    std = tuple(float(v) for v in data.get("std", DEFAULT_STD))
+    return functools.partial(normalise, mean=mean, std=std)
 
 
 def loss_fn(
@@ -83,6 +103,7 @@ def loss_fn(
     rng: jax.Array,
     *,
     label_smoothing: float = 0.0,
+    normalise=normalise,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict]]:
     """Mean cross-entropy over the batch; returns (loss, (metrics, new model_state))."""
     variables = {"params": params, **model_state}
@@ -122,16 +143,19 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task
     count, so nothing is kept in `workdir`)."""
     del workdir
     model = build_model(config)
+    pixels = normaliser(config.data)
 
     def logits(variables, images):
-        return model.apply(variables, normalise(images), train=False)
+        return model.apply(variables, pixels(images), train=False)
 
     return Task(
         name="classification",
         prepared=None,
         model=model,
         init_inputs=init_inputs(config),
-        loss_fn=functools.partial(loss_fn, model, label_smoothing=config.loss.label_smoothing),
+        loss_fn=functools.partial(
+            loss_fn, model, label_smoothing=config.loss.label_smoothing, normalise=pixels
+        ),
         train_dataset=functools.partial(_train_dataset, config),
         fake_batch=functools.partial(fake_batch, config),
         flops_per_example=_flops(config, model),

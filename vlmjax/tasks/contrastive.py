@@ -34,7 +34,7 @@ from vlmjax.data import text as text_lib
 from vlmjax.data import tokenizer as tokenizer_lib
 from vlmjax.models import clip, convnets, text, vit
 from vlmjax.tasks import Task
-from vlmjax.tasks.classification import normalise
+from vlmjax.tasks.classification import normaliser
 
 log = logging.getLogger("vlmjax")
 
@@ -156,7 +156,12 @@ def _features(data: ml_collections.ConfigDict, resize: bool = True):
                 "set data.image_key"
             )
         out = {
-            "image": pipeline.as_image(record[data.image_key], size, data.eval_crop_fraction),
+            "image": pipeline.as_image(
+                record[data.image_key],
+                size,
+                data.eval_crop_fraction,
+                data.get("interpolation", "bilinear"),
+            ),
             "texts": text_lib.captions_of(record, data, names),
         }
         if names is not None and data.label_key in record:
@@ -200,6 +205,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task
     """The contrastive task of `config`, its tokenizer prepared once (and kept in `workdir`)."""
     prepared = prepare(config, workdir)
     model = build_model(config, prepared)
+    normalise = normaliser(config.data)  # data.mean / data.std
 
     def embed_images(variables, images):
         return model.apply(variables, normalise(images), method=clip.CLIP.encode_image)
