@@ -258,6 +258,7 @@ RANGES: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
     "data.image_size": (int, 1, None, True, False),
     "data.num_threads": (int, 1, None, True, False),
     "data.prefetch": (int, 0, None, True, False),
+    "data.num_workers": (int, -1, None, True, False),  # -1: auto (data/workers.py)
     "data.num_train": (int, 1, None, True, False),
     "data.num_heldout": (int, 1, None, True, False),
     "data.eval_crop_fraction": (float, 0, 1, False, True),
@@ -356,6 +357,29 @@ def _preprocessing_problems(data: Any) -> list[str]:
     return problems
 
 
+def _monitoring_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """writers: known sinks, jsonl among them; profile_steps: "" or "A:B"; wandb.mode."""
+    from vlmjax import profiling, writers
+
+    problems = []
+    for key, parse in (("writers", writers.parse_sinks), ("profile_steps", profiling.parse_steps)):
+        present, value = _lookup(config, key)
+        if not present:
+            continue
+        if not isinstance(value, str):
+            problems.append(f"{key}={value!r} must be a string")
+            continue
+        try:
+            parse(value)
+        except ValueError as e:
+            problems.append(str(e))
+    present, mode = _lookup(config, "wandb.mode")
+    modes = ("", "online", "offline", "disabled")
+    if present and (problem := _choice_problem("wandb.mode", mode, modes)):
+        problems.append(problem)
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError listing every key out of range, of the wrong type or not one of
     its choices (with did-you-mean), so a bad value fails before anything is built rather
@@ -400,5 +424,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if problem := _source_problem(data):
             problems.append(problem)
         problems += _preprocessing_problems(data)
+    problems += _monitoring_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -20,6 +20,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.dtype = "float32"  # compute dtype; params stay float32
+    # Where metrics go (vlmjax/writers.py): "jsonl" (always), "tensorboard", "wandb" (the
+    # optional extra vlmjax[wandb], set up by `wandb` below). Every log step also records
+    # train/data_wait_fraction: the share of step time spent waiting for input.
+    c.writers = "jsonl,tensorboard"
+    c.wandb = ml_collections.ConfigDict(
+        dict(project="vlmjax", entity="", name="", mode="")  # name "": the workdir's name;
+    )  # mode "": WANDB_MODE or online; "offline" needs no network (`wandb sync` later)
+    # "A:B": a jax.profiler trace of steps A..B-1 in WORKDIR/profile/ (TensorBoard's profile
+    # plugin, Perfetto); "": none (vlmjax/profiling.py).
+    c.profile_steps = ""
 
     # Start a new run from another run's parameters: a workdir, its checkpoints/ or one
     # checkpoints/<step>; only params whose path fullmatches init_from_params are taken,
@@ -50,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.interpolation = "bilinear"
     c.data.num_threads = 2
     c.data.prefetch = 4  # batches read ahead
+    # Processes that decode and augment (vlmjax/data/workers.py): -1 = auto: 0 for `shapes`
+    # (pre-rendered arrays, cheaper than a worker's start), else min(cores - 1, 16).
+    c.data.num_workers = -1
     c.data.num_train = 20000  # shapes only: examples rendered per split
     c.data.num_heldout = 2000
     # Image-text tasks (see vlmjax/data/text.py): the text field ("" = captions from the

@@ -28,7 +28,18 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vlmjax import checkpoint, evaluators, finite, init_hf, lock, mfu, optim, tasks, writers
+from vlmjax import (
+    checkpoint,
+    evaluators,
+    finite,
+    init_hf,
+    lock,
+    mfu,
+    optim,
+    profiling,
+    tasks,
+    writers,
+)
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
 from vlmjax.data import pipeline, sources
@@ -420,7 +431,7 @@ def train(
         if is_main:
             _write_config(config, workdir)
         mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints)
-        writer = progress = None
+        writer = progress = train_iter = profiler = None
         in_flight = None  # the step of the last save started (async: may still be writing)
         try:
             examples = 0  # position in the global input stream
@@ -455,16 +466,24 @@ def train(
 
             first = int(state.step)
             # Records an interrupted invocation wrote after `first` are dropped: each step once.
-            writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=first)
+            writer = writers.MetricWriter(
+                workdir, enabled=is_main, resume_step=first, sinks=config.writers,
+                wandb_config=config.wandb.to_dict(), run_config=config,
+            )  # fmt: skip
             progress = writers.Progress(config.total_steps, first, enabled=is_main)
             eval_metrics: dict[str, float] = {}
             last_time, last_step = time.time(), first
             last = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
             preempted = False
+            data_wait = profiling.DataWait()  # train/data_wait_fraction (profiling.py)
+            profiler = profiling.Profiler(config.profile_steps, workdir)
             with Preemption() as preemption:
                 for step in range(first + 1, last + 1):
-                    batch = pipeline.to_global(next(train_iter), run.batch_sharding)
+                    profiler.before_step(step)
+                    # The wait for the batch is train/data_wait_fraction.
+                    batch = pipeline.to_global(data_wait.next(train_iter), run.batch_sharding)
                     state, metrics, health = train_step(state, batch, health)
+                    profiler.after_step(step, state)
                     examples += config.batch_size
 
                     if step % config.log_every == 0 or step == config.total_steps:
@@ -481,6 +500,7 @@ def train(
                             (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
                         )
                         last_time, last_step = now, step
+                        metrics["train/data_wait_fraction"] = data_wait.fraction()
                         if flops_per_example:
                             metrics.update(
                                 mfu.train_flops_summary(
@@ -501,6 +521,7 @@ def train(
                         writer.write(step, due)
                         progress.update(step, due)
                         last_time = time.time()  # keep eval time out of the throughput figure
+                        data_wait.restart()
 
                     preempted = preemption.reached(step)
                     if (
@@ -523,6 +544,8 @@ def train(
                         )
                         break
 
+            train_iter.close()  # stops data.num_workers processes now, not at exit
+            profiler.close()
             if not eval_metrics and not preempted:
                 # E.g. resumed a finished run: evaluate the state so the caller gets numbers.
                 eval_metrics = evaluators.run(evals, state)
@@ -531,7 +554,8 @@ def train(
             except Exception as e:
                 raise checkpoint.save_failed(mngr, in_flight, e) from e
         except BaseException:
-            checkpoint.close_after_error(mngr, in_flight, progress, writer)
+            closables = (progress, writer, train_iter, profiler)
+            checkpoint.close_after_error(mngr, in_flight, *closables)
             raise
         mngr.close()
         progress.close()

@@ -1,4 +1,12 @@
-"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard event files, and the terminal.
+"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard event files, Weights & Biases, and
+the terminal.
+
+`writers` (config) names the sinks, comma-separated: "jsonl" (always: metrics.jsonl is the
+run's record, which resume trims and sweeps read), "tensorboard" (WORKDIR/tensorboard/),
+"wandb" (an optional extra: `pip install vlmjax[wandb]`; the `wandb` config holds its
+project, run name and mode; files go to WORKDIR/wandb/, and WORKDIR/wandb_run_id makes a
+resumed run continue the same W&B run). With `wandb.mode = "offline"` (or WANDB_MODE=offline)
+nothing touches the network; `wandb sync WORKDIR/wandb/offline-run-*` uploads later.
 
 Only process 0 writes; other processes get a writer that does nothing, so callers never
 branch on the process index.
@@ -12,9 +20,27 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Any
 
 log = logging.getLogger("vlmjax")
+
+SINKS = ("jsonl", "tensorboard", "wandb")
+WANDB_RUN_ID = "wandb_run_id"  # under the workdir: the W&B run a resumed run continues
+
+
+def parse_sinks(spec: str) -> tuple[str, ...]:
+    """ "jsonl,tensorboard" -> ("jsonl", "tensorboard"); errors name the valid sinks."""
+    sinks = tuple(s.strip() for s in spec.split(",") if s.strip())
+    unknown = [s for s in sinks if s not in SINKS]
+    if unknown:
+        raise ValueError(f"writers={spec!r}: unknown {unknown}; choose from {list(SINKS)}")
+    if "jsonl" not in sinks:
+        raise ValueError(
+            f"writers={spec!r} must include 'jsonl' (metrics.jsonl is the run's record: "
+            "resume trims it, sweeps read it), e.g. 'jsonl,tensorboard,wandb'"
+        )
+    return sinks
 
 
 def _scalar(value: Any) -> float | int:
@@ -56,9 +82,20 @@ class MetricWriter:
     of kills and resumes every step appears once.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        sinks: str = "jsonl,tensorboard",
+        wandb_config: dict[str, Any] | None = None,
+        run_config: Any = None,
+    ):
+        """`sinks`: the `writers` config; `wandb_config`: the `wandb` config (project, name,
+        mode, entity); `run_config`: the run's ConfigDict, recorded in the W&B run."""
         self.enabled = enabled
-        self._tb = None
+        self._tb = self._wandb = None
+        kinds = parse_sinks(sinks)
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -68,13 +105,16 @@ class MetricWriter:
             if dropped:
                 log.info("metrics.jsonl: dropped %d records after step %d", dropped, resume_step)
         self._file = open(path, "a")  # noqa: SIM115
-        try:
-            from tensorboardX import SummaryWriter
+        if "tensorboard" in kinds:
+            try:
+                from tensorboardX import SummaryWriter
 
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
-        except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is the record
-            log.warning("tensorboardX is not installed: writing metrics.jsonl only")
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+            except ImportError:  # TensorBoard files are a convenience; metrics.jsonl the record
+                log.warning("tensorboardX is not installed: writing metrics.jsonl only")
+        if "wandb" in kinds:
+            self._wandb = _start_wandb(workdir, wandb_config or {}, run_config)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -88,16 +128,61 @@ class MetricWriter:
             for key, value in values.items():
                 # TensorBoard tag names allow no "@" (recall@1); it would rename and log.
                 self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
+        if self._wandb is not None:
+            self._wandb.log({"step": int(step), **values})
 
     def close(self) -> None:
         if not self.enabled or self._file.closed:
             return
         tb, self._tb = self._tb, None
+        run, self._wandb = self._wandb, None
         try:
             self._file.close()
         finally:
             if tb is not None:
                 _close_tensorboard(tb)
+            if run is not None:
+                run.finish()
+
+
+def _start_wandb(workdir: str, cfg: dict[str, Any], run_config: Any):
+    """A W&B run logging into WORKDIR/wandb/, continuing the one WORKDIR/wandb_run_id names.
+
+    Every record carries its "step" as a metric, and charts use it as their x axis
+    (`define_metric`): W&B's own step must only grow, and a resumed run logs again the
+    steps after its checkpoint, which W&B would drop. W&B keeps both copies of those steps
+    (it cannot purge them as TensorBoard does); metrics.jsonl keeps each step once."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "writers includes 'wandb' but the wandb package is not installed: "
+            "`pip install vlmjax[wandb]`, or drop 'wandb' from writers"
+        ) from e
+    id_path = os.path.join(workdir, WANDB_RUN_ID)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: lower-case letters and digits
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    recorded = None
+    if run_config is not None and hasattr(run_config, "to_json_best_effort"):
+        recorded = json.loads(run_config.to_json_best_effort())
+    run = wandb.init(
+        project=cfg.get("project") or "vlmjax",
+        entity=cfg.get("entity") or None,
+        name=cfg.get("name") or os.path.basename(os.path.abspath(workdir)),
+        mode=cfg.get("mode") or None,  # None: WANDB_MODE, else wandb's default (online)
+        dir=workdir,
+        id=run_id,
+        resume="allow",
+        config=recorded,
+    )
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _close_tensorboard(tb) -> None:

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from vlmjax.data import image_ops
+from vlmjax.data import image_ops, workers
 
 Example = dict[str, np.ndarray]
 
@@ -130,6 +130,7 @@ def train_dataset(
     image_size: int = 0,
     num_threads: int = 2,
     prefetch: int = 4,  # batches read ahead
+    num_workers: int = 0,  # processes decoding and augmenting (vlmjax/data/workers.py)
     process_index: int = 0,
     process_count: int = 1,
     start_example: int = 0,
@@ -171,7 +172,8 @@ def train_dataset(
     ds = ds[start_example:].batch(batch_size, drop_remainder=True)[process_index::process_count]
     # The elements here are batches: `prefetch` batches ahead, not examples.
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return ds.to_iter_dataset(read)
+    # Workers change where batches are made, never which: the same stream for any count.
+    return workers.with_workers(ds.to_iter_dataset(read), num_workers)
 
 
 def run_train_dataset(
@@ -184,9 +186,9 @@ def run_train_dataset(
     random_features: Callable[[Example, np.random.Generator], Example] | None = None,
 ) -> grain.IterDataset:
     """`train_dataset` with a run's settings (`batch_size` split over the processes, `seed`,
-    `data.{image_size, augment, num_threads, prefetch}`), as every task reads its training
-    data. `features(resize)` builds the record -> example function; `resize` is False when
-    `random_resized_crop` does the resizing itself."""
+    `data.{image_size, augment, num_threads, prefetch, num_workers}`), as every task reads
+    its training data. `features(resize)` builds the record -> example function; `resize` is
+    False when `random_resized_crop` does the resizing itself."""
     data = config.data
     crop = "random_resized_crop" in parse_augment(data.augment)
     return train_dataset(
@@ -198,6 +200,7 @@ def run_train_dataset(
         augment=data.augment,
         num_threads=data.num_threads,
         prefetch=data.prefetch,
+        num_workers=workers.resolve(data.num_workers, data.source),
         process_index=process_index,
         process_count=process_count,
         start_example=start_example,

@@ -50,7 +50,7 @@ import numpy as np
 from vlmjax import config as config_lib
 from vlmjax import flops, losses
 from vlmjax.data import fuyu_layout as fl
-from vlmjax.data import pipeline, sources
+from vlmjax.data import pipeline, sources, workers
 from vlmjax.data import text as text_lib
 from vlmjax.models import fuyu
 from vlmjax.tasks import Task
@@ -308,7 +308,9 @@ def train_dataset(
     ds = ds[start_example:].batch(per_process, drop_remainder=True, batch_fn=pack)
     ds = ds[process_index::process_count]
     read = grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch)
-    return ds.to_iter_dataset(read)
+    return workers.with_workers(
+        ds.to_iter_dataset(read), workers.resolve(data.num_workers, data.source)
+    )
 
 
 def _source(data: ml_collections.ConfigDict, split: str):
