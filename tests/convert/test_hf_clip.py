@@ -9,7 +9,6 @@ import json
 import os
 
 import numpy as np
-import parity
 import pytest
 
 from vlmjax import convert
@@ -18,6 +17,7 @@ from vlmjax.convert import tensors as tensors_lib
 
 TOLERANCE = 1e-4  # max abs difference of embeddings and logits, float32
 IMAGE_SIZE = 32
+OPTIONS = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "4"]
 
 VISION = dict(
     hidden_size=32,
@@ -62,10 +62,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """case name -> reference.py's output dir (model/ and io.npz), built once per module."""
-    options = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "4"]
-    return parity.cached_references(tmp_path_factory, "clip", lambda case: (CASES[case], options))
+def reference(shared_references):
+    """case name -> reference.py's output dir (model/ and io.npz), built once per session."""
+    return lambda case: shared_references("clip", CASES[case], OPTIONS)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

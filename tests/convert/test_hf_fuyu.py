@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import parity
 import pytest
 
 from vlmjax import convert, generate
@@ -95,30 +94,30 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """case -> (output dir, io.npz contents), built once per module."""
-
-    def arguments(case: str):
-        c = CASES[case]
-        spec = dict(
-            config=dict(c["config"], text_config=c["text"]),
-            canvas=c["canvas"],
-            images=c["images"],
-            prompts=c["prompts"],
-            num_words=20,
-            max_new_tokens=c["max_new_tokens"],
-            dtype=c.get("dtype", "float32"),
-        )
-        return spec, []
-
-    out_dir = parity.cached_references(tmp_path_factory, "fuyu", arguments)
+def reference(shared_references):
+    """case -> (output dir, io.npz contents), built once per session."""
 
     @functools.cache
     def get(case: str):
-        out = out_dir(case)
+        out = shared_references("fuyu", *arguments(case))
         return out, dict(np.load(os.path.join(out, "io.npz")))
 
     return get
+
+
+def arguments(case: str) -> tuple[dict, list[str]]:
+    """(reference.py spec, options) of a case (test_roundtrip.py reuses them)."""
+    c = CASES[case]
+    spec = dict(
+        config=dict(c["config"], text_config=c["text"]),
+        canvas=c["canvas"],
+        images=c["images"],
+        prompts=c["prompts"],
+        num_words=20,
+        max_new_tokens=c["max_new_tokens"],
+        dtype=c.get("dtype", "float32"),
+    )
+    return spec, []
 
 
 def _examples(case: str, io: dict) -> list[dict]:

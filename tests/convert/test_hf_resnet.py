@@ -9,7 +9,6 @@ import json
 import os
 
 import numpy as np
-import parity
 import pytest
 
 from vlmjax import convert
@@ -38,15 +37,16 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """case name -> reference.py's output dir (model/ and io.npz), built once per module."""
+def reference(shared_references):
+    """case name -> reference.py's output dir (model/ and io.npz), built once per session."""
+    return lambda case: shared_references("resnet", *arguments(case))
 
-    def arguments(case: str):
-        fields, image_size = CASES[case]
-        spec = dict(fields, head=False) if case == "features" else dict(fields, num_labels=5)
-        return spec, ["--image-size", str(image_size)]
 
-    return parity.cached_references(tmp_path_factory, "resnet", arguments)
+def arguments(case: str) -> tuple[dict, list[str]]:
+    """(reference.py spec, options) of a case (test_roundtrip.py reuses them)."""
+    fields, image_size = CASES[case]
+    spec = dict(fields, head=False) if case == "features" else dict(fields, num_labels=5)
+    return spec, ["--image-size", str(image_size)]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

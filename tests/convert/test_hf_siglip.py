@@ -10,7 +10,6 @@ import os
 
 import jax
 import numpy as np
-import parity
 import pytest
 
 from vlmjax import convert
@@ -19,6 +18,7 @@ from vlmjax.convert import tensors as tensors_lib
 
 TOLERANCE = 1e-4  # max abs difference of embeddings and logits, float32
 IMAGE_SIZE = 32
+OPTIONS = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "3"]
 
 # A text width other than the vision one, so that a swapped tower fails on shapes; the
 # text head projects to the vision width (SigLIP compares the two directly). The vision
@@ -50,11 +50,9 @@ SPEC = dict(
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """reference.py's output dir (model/ and io.npz), built once per module."""
-    options = ["--image-size", str(IMAGE_SIZE), "--batch", "2", "--texts", "3"]
-    get = parity.cached_references(tmp_path_factory, "siglip", lambda case: (SPEC, options))
-    return get("tiny")
+def reference(shared_references):
+    """reference.py's output dir (model/ and io.npz), built once per session."""
+    return shared_references("siglip", SPEC, OPTIONS)
 
 
 def test_embeddings_and_logits_match_transformers(reference):

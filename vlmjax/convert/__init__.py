@@ -97,7 +97,13 @@ def _exporter(model: nn.Module):
     )
 
 
-def to_hf(model: nn.Module, variables: dict, out_dir: str, dtype: str = "float32") -> None:
+def to_hf(
+    model: nn.Module,
+    variables: dict,
+    out_dir: str,
+    dtype: str = "float32",
+    hf_config: dict[str, Any] | None = None,
+) -> None:
     """Writes out_dir/config.json and out_dir/model.safetensors, a folder transformers loads
     with `from_pretrained` (CLIPModel, SiglipModel, ViTForImageClassification or ViTModel,
     ResNetForImageClassification or ResNetModel, FuyuForCausalLM).
@@ -106,7 +112,10 @@ def to_hf(model: nn.Module, variables: dict, out_dir: str, dtype: str = "float32
     arrays; scanned layers are unstacked). `dtype`: of the floating tensors ("float32",
     "bfloat16", "float16"). Options the HF class cannot express raise ValueError naming
     them before anything is written; a leaf with no place in the HF model raises too.
-    Tokenizer and preprocessor files are not written here.
+    `hf_config`: top-level config.json fields set over the exporter's (token ids the model
+    does not know, e.g. Fuyu's image_token_id, or id2label names). Tokenizer and
+    preprocessor files are not written here.
     """
     config, tensors = _exporter(model).export(model, variables)
+    config.update(hf_config or {})
     writing.write_folder(out_dir, config, tensors, dtype)

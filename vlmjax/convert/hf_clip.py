@@ -218,9 +218,8 @@ def convert(
 _HF_ACTIVATIONS = {ours: hf for hf, ours in _ACTIVATIONS.items()}
 
 
-def image_size(tower: vit.ViT, positions: np.ndarray) -> int:
-    """The square image side a ViT's position table [1, n (+1), d] was made for."""
-    patches = positions.shape[1] - (1 if tower.cls_position else 0)
+def image_size(tower: vit.ViT, patches: int) -> int:
+    """The square image side of a ViT with `patches` patch tokens."""
     grid = math.isqrt(patches)
     if grid * grid != patches:
         raise ValueError(
@@ -297,7 +296,7 @@ def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str,
     out: dict[str, np.ndarray] = {}
     v, img = image.hparams(), "params/image_tower"
     weight, cls, positions = vit_embeddings_out(image, leaves, img)
-    size = image_size(image, positions[None])
+    size = image_size(image, positions.shape[0] - 1)  # HF's table: [1 + n, d]
     writing.put(out, "vision_model.embeddings.patch_embedding.weight", weight)
     writing.put(out, "vision_model.embeddings.class_embedding", cls)
     writing.put(out, "vision_model.embeddings.position_embedding.weight", positions)
@@ -359,8 +358,8 @@ def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str,
     return config, out
 
 
-def log_scale_out(log_scale: np.ndarray, max_scale: float) -> np.ndarray:
-    """Our log temperature [] -> HF's logit_scale [1], clamped as our model clamps it
-    (transformers never clamps)."""
+def log_scale_out(log_scale: np.ndarray, max_scale: float, shape: tuple = ()) -> np.ndarray:
+    """Our log temperature [] -> HF's logit_scale (CLIP: [], SigLIP: [1]), clamped as our
+    model clamps it (transformers never clamps)."""
     clamped = np.minimum(log_scale, np.float32(math.log(max_scale)))
-    return np.asarray(clamped, np.float32).reshape(1)
+    return np.asarray(clamped, np.float32).reshape(shape)

@@ -28,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax.convert import blocks, writing
 from vlmjax.convert import tensors as tensors_lib
 from vlmjax.models import fuyu
 
@@ -227,3 +228,93 @@ def convert(
     `model_from_config` (e.g. dtype="bfloat16", scan=True)."""
     model = model_from_config(config, **overrides)
     return model, variables_from_tensors(config, tensors, model)
+
+
+# --- ours -> HF (convert.to_hf) ------------------------------------------------------
+
+# Our activation -> transformers' hidden_act (one name per function).
+_HF_ACTIVATIONS = {
+    "relu2": "relu2",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "quick_gelu": "quick_gelu",
+}
+# FuyuConfig's image_token_id (adept/fuyu-8b's |SPEAKER|); the run's tokenizer may differ:
+# pass `hf_config={"image_token_id": ...}` to convert.to_hf.
+_IMAGE_TOKEN_ID = 71011
+
+
+def export(
+    model: fuyu.FuyuDecoder, variables: dict
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json dict, {tensor name: array}) of an HF FuyuForCausalLM equal to `model`,
+    with the names save_pretrained writes. A head that is exactly the transposed token
+    embedding is written tied (tie_word_embeddings, no lm_head tensor), as HF saves it."""
+    problems = []
+    if model.activation not in _HF_ACTIVATIONS:
+        problems.append(f"activation={model.activation!r} (supported: {sorted(_HF_ACTIVATIONS)})")
+    blocks.unsupported("FuyuForCausalLM", problems)
+
+    hp = model.hparams()
+    leaves = writing.LeafPool(variables)
+    out: dict[str, np.ndarray] = {}
+    text, heads = _PREFIXES["text"][0], hp["num_heads"]
+    blocks.dense_out(leaves, "params/patch_projection", out, _PREFIXES["vision"][0].rstrip("."))
+    embedding = leaves.pop("params/token_embedding/embedding")  # [vocab, width]
+    writing.put(out, text + "embed_tokens.weight", embedding)
+    for i in range(hp["depth"]):
+        src, hf = f"params/layer_{i}", f"{text}layers.{i}"
+        blocks.norm_out(leaves, f"{src}/norm1", out, hf + ".input_layernorm")
+        qkv = [
+            (leaves.pop(f"{src}/attn/{n}/kernel"), leaves.pop(f"{src}/attn/{n}/bias"))
+            for n in ("query", "key", "value")
+        ]  # kernel [width, heads, dh], bias [heads, dh] each
+        # Persimmon's fused outputs are ordered (head, q/k/v, dh).
+        kernel = np.stack([k for k, _ in qkv], axis=2)  # [width, heads, 3, dh]
+        bias = np.stack([b for _, b in qkv], axis=1)  # [heads, 3, dh]
+        weight = writing.linear_weight(kernel.reshape(kernel.shape[0], -1))  # [3 width, width]
+        writing.put(out, hf + ".self_attn.query_key_value.weight", weight)
+        writing.put(out, hf + ".self_attn.query_key_value.bias", bias.reshape(-1))
+        dense = leaves.pop(f"{src}/attn/out/kernel")  # [heads, dh, width]
+        dense = writing.linear_weight(dense.reshape(-1, dense.shape[-1]))
+        writing.put(out, hf + ".self_attn.dense.weight", dense)
+        writing.put(out, hf + ".self_attn.dense.bias", leaves.pop(f"{src}/attn/out/bias"))
+        if model.qk_norm:
+            blocks.norm_out(leaves, f"{src}/attn/q_norm", out, hf + ".self_attn.q_layernorm")
+            blocks.norm_out(leaves, f"{src}/attn/k_norm", out, hf + ".self_attn.k_layernorm")
+        blocks.norm_out(leaves, f"{src}/norm2", out, hf + ".post_attention_layernorm")
+        blocks.dense_out(leaves, f"{src}/mlp/fc1", out, hf + ".mlp.dense_h_to_4h")
+        blocks.dense_out(leaves, f"{src}/mlp/fc2", out, hf + ".mlp.dense_4h_to_h")
+    blocks.norm_out(leaves, "params/final_norm", out, text + "final_layernorm")
+    head = leaves.pop("params/head/kernel")  # [width, vocab]
+    tied = bool(np.array_equal(head.T, embedding))
+    if not tied:
+        writing.put(out, _PREFIXES["head"][0] + "weight", writing.linear_weight(head))
+    leaves.assert_consumed()
+
+    config = dict(
+        architectures=list(ARCHITECTURES),
+        model_type="fuyu",
+        patch_size=model.patch_size,
+        num_channels=model.channels,
+        image_token_id=_IMAGE_TOKEN_ID,
+        tie_word_embeddings=tied,
+        text_config=dict(
+            model_type="persimmon",
+            vocab_size=model.vocab_size,
+            hidden_size=hp["width"],
+            intermediate_size=hp["mlp_dim"],
+            num_hidden_layers=hp["depth"],
+            num_attention_heads=heads,
+            hidden_act=_HF_ACTIVATIONS[model.activation],
+            qk_layernorm=model.qk_norm,
+            layer_norm_eps=model.eps,
+            rope_parameters=dict(
+                rope_type="default",
+                rope_theta=model.rope_theta,
+                partial_rotary_factor=model.rotary_fraction,
+            ),
+        ),
+    )
+    return config, out

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmjax.convert import blocks, writing
 from vlmjax.convert import tensors as tensors_lib
 from vlmjax.models import convnets
 
@@ -141,3 +142,77 @@ def convert(
     """(model, {"params", "batch_stats"}) from an HF ResNet config.json and state dict."""
     model = model_from_config(config)
     return model, variables_from_tensors(config, tensors, model)
+
+
+# --- ours -> HF (convert.to_hf) ------------------------------------------------------
+
+
+def _conv_out(leaves: writing.LeafPool, path: str, out: dict, hf: str) -> None:
+    writing.put(out, hf + ".weight", writing.conv_weight(leaves.pop(path + "/kernel")))
+
+
+def _batch_norm_out(leaves: writing.LeafPool, path: str, out: dict, hf: str) -> None:
+    writing.put(out, hf + ".weight", leaves.pop(f"params/{path}/scale"))
+    writing.put(out, hf + ".bias", leaves.pop(f"params/{path}/bias"))
+    writing.put(out, hf + ".running_mean", leaves.pop(f"batch_stats/{path}/mean"))
+    writing.put(out, hf + ".running_var", leaves.pop(f"batch_stats/{path}/var"))
+    # torch's step counter (it only matters with momentum=None, which HF ResNet never uses);
+    # ours has none, so it restarts at 0.
+    writing.put(out, hf + ".num_batches_tracked", np.array(0, np.int64))
+
+
+def export(model: convnets.ResNet, variables: dict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json dict, {tensor name: array}) of an HF ResNetForImageClassification (or,
+    with `num_classes=0`, a ResNetModel) equal to `model`. Raises ValueError naming every
+    option HF's ResNet cannot express (its stem is a 7x7 stride-2 conv and a max pool)."""
+    kind, stage_sizes = model.architecture()
+    problems = []
+    if (model.stem_kernel, model.stem_stride, model.stem_pool) != (7, 2, True):
+        problems.append(
+            f"stem_kernel={model.stem_kernel}, stem_stride={model.stem_stride}, "
+            f"stem_pool={model.stem_pool} (HF's stem is a 7x7 stride-2 conv and a max pool)"
+        )
+    if model.bn_eps != 1e-5:
+        problems.append(f"bn_eps={model.bn_eps} (HF's BatchNorm eps is 1e-5)")
+    bare = not model.num_classes
+    blocks.unsupported("ResNetModel" if bare else "ResNetForImageClassification", problems)
+
+    leaves = writing.LeafPool(variables)
+    out: dict[str, np.ndarray] = {}
+    prefix = "" if bare else "resnet."
+    stem = prefix + "embedder.embedder"
+    kernel = leaves.pop("params/conv_init/kernel")  # [7, 7, c, width]
+    channels = int(kernel.shape[2])
+    writing.put(out, stem + ".convolution.weight", writing.conv_weight(kernel))
+    _batch_norm_out(leaves, "bn_init", out, stem + ".normalization")
+    num_convs = 3 if kind == "bottleneck" else 2
+    for i, num_blocks in enumerate(stage_sizes):
+        for j in range(num_blocks):
+            hf, block = f"{prefix}encoder.stages.{i}.layers.{j}", f"stage{i + 1}_block{j + 1}"
+            for k in range(num_convs):
+                _conv_out(leaves, f"params/{block}/conv{k + 1}", out, f"{hf}.layer.{k}.convolution")
+                _batch_norm_out(leaves, f"{block}/bn{k + 1}", out, f"{hf}.layer.{k}.normalization")
+            if f"params/{block}/proj_conv/kernel" in leaves:
+                _conv_out(leaves, f"params/{block}/proj_conv", out, f"{hf}.shortcut.convolution")
+                _batch_norm_out(leaves, f"{block}/proj_bn", out, f"{hf}.shortcut.normalization")
+    if not bare:
+        blocks.dense_out(leaves, "params/head", out, "classifier.1")
+    leaves.assert_consumed()
+
+    expansion = convnets.EXPANSION[kind]
+    config: dict[str, Any] = dict(
+        architectures=["ResNetModel" if bare else "ResNetForImageClassification"],
+        model_type="resnet",
+        num_channels=channels,
+        embedding_size=model.width,
+        hidden_sizes=[model.width * 2**i * expansion for i in range(len(stage_sizes))],
+        depths=list(stage_sizes),
+        layer_type=kind,
+        hidden_act="relu",
+        downsample_in_first_stage=False,
+        downsample_in_bottleneck=False,
+    )
+    if not bare:
+        labels = {str(i): f"LABEL_{i}" for i in range(model.num_classes)}
+        config.update(id2label=labels, label2id={v: int(k) for k, v in labels.items()})
+    return config, out

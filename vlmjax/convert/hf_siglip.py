@@ -292,7 +292,7 @@ def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str,
     writing.put(out, "vision_model.embeddings.patch_embedding.weight", weight)
     writing.put(out, "vision_model.embeddings.patch_embedding.bias", leaves.pop(f"{proj}/bias"))
     positions = leaves.pop(f"{img}/pos_embedding/pos_embedding")  # [1, n, d]
-    size = hf_clip.image_size(image, positions)
+    size = hf_clip.image_size(image, positions.shape[1])
     writing.put(out, "vision_model.embeddings.position_embedding.weight", positions[0])
     blocks.encoder_out(leaves, img, out, LAYER["vision"], v["depth"])
     blocks.norm_out(leaves, f"{img}/encoder/norm", out, "vision_model.post_layernorm")
@@ -327,7 +327,7 @@ def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str,
     else:
         writing.put(out, "text_model.head.bias", np.zeros(text_kernel.shape[1], np.float32))
     log_scale = leaves.pop("params/log_scale")
-    writing.put(out, "logit_scale", hf_clip.log_scale_out(log_scale, model.max_scale))
+    writing.put(out, "logit_scale", hf_clip.log_scale_out(log_scale, model.max_scale, (1,)))
     bias = leaves.pop("params/bias") if model.sigmoid_bias is not None else np.float32(0)
     writing.put(out, "logit_bias", np.asarray(bias, np.float32).reshape(1))
     leaves.assert_consumed()

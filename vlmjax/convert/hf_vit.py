@@ -214,7 +214,7 @@ def export(model: vit.ViT, variables: dict) -> tuple[dict[str, Any], dict[str, n
     writing.put(out, f"{emb}.patch_embeddings.projection.bias", bias)
     cls = leaves.pop("params/cls")  # [1, 1, d]
     positions = leaves.pop("params/pos_embedding/pos_embedding")  # [1, n (+1), d]
-    size = hf_clip.image_size(model, positions)
+    size = hf_clip.image_size(model, positions.shape[1] - (1 if model.cls_position else 0))
     if not model.cls_position:  # the class token had no position: row 0 is zeros
         positions = np.concatenate([np.zeros_like(positions[:, :1]), positions], axis=1)
     writing.put(out, f"{emb}.cls_token", cls)

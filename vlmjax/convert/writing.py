@@ -78,21 +78,27 @@ class LeafPool:
             )
 
 
+def contiguous(value: np.ndarray) -> np.ndarray:
+    """`value` in C order, 0-d arrays kept 0-d (np.ascontiguousarray makes them [1])."""
+    value = np.asarray(value)
+    return value if value.flags.c_contiguous else value.copy(order="C")
+
+
 def put(tensors: dict[str, np.ndarray], name: str, value: np.ndarray) -> None:
     """tensors[name] = value (contiguous); never overwrites."""
     if name in tensors:
         raise ValueError(f"HF tensor {name!r} written twice")
-    tensors[name] = np.ascontiguousarray(value)
+    tensors[name] = contiguous(value)
 
 
 def linear_weight(kernel: np.ndarray) -> np.ndarray:
     """Flax nn.Dense kernel [in, out] -> torch Linear weight [out, in]."""
-    return np.ascontiguousarray(kernel.T)
+    return contiguous(kernel.T)
 
 
 def conv_weight(kernel: np.ndarray) -> np.ndarray:
     """Flax nn.Conv kernel [kh, kw, in, out] -> torch Conv2d weight [out, in, kh, kw]."""
-    return np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1)))
+    return contiguous(np.transpose(kernel, (3, 2, 0, 1)))
 
 
 def save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -104,7 +110,7 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     offset = 0
     blobs = []
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = contiguous(tensors[name])
         if array.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}, not one safetensors has")
         data = array.tobytes()  # little-endian on every platform JAX runs on
