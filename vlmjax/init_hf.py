@@ -48,6 +48,7 @@ RUN_OPTIONS = frozenset({"dtype", "attention", "scan", "remat", "dropout"})
 # Our data.* keys and their defaults (runs from scratch: pixels to [-1, 1], bilinear).
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
 PREPROCESSOR = "preprocessor_config.json"
+PROCESSOR = "processor_config.json"
 # PIL resampling codes (HF's `resample`) -> data.interpolation.
 RESAMPLE = {2: "bilinear", 3: "bicubic"}
 # HF tokenizer files copied by `vlmjax export` from a folder the run's tokenizer came from.
@@ -159,7 +160,8 @@ def merge_model(
 
 
 def read_preprocessor(path: str) -> dict[str, Any]:
-    """data.* settings from the folder's preprocessor_config.json ({} without one).
+    """data.* settings from the folder's preprocessor_config.json (or the image_processor
+    of its processor_config.json; {} without either).
 
     HF's CLIP/SigLIP/ViT image processors: `image_mean`, `image_std` (pixel units [0, 1]),
     `resample` (2 bilinear, 3 bicubic), `size` ({"shortest_edge": S} or {"height", "width"})
@@ -167,10 +169,16 @@ def read_preprocessor(path: str) -> dict[str, Any]:
     image_size = C, eval_crop_fraction = C / S; `crop_pct` (ConvNext-style) is the fraction.
     """
     file = os.path.join(path, PREPROCESSOR)
-    if not os.path.isfile(file):
+    if os.path.isfile(file):
+        with open(file) as f:
+            pre = json.load(f)
+    elif os.path.isfile(os.path.join(path, PROCESSOR)):
+        # transformers 5's save_pretrained nests the image processor in processor_config.json.
+        file = os.path.join(path, PROCESSOR)
+        with open(file) as f:
+            pre = json.load(f).get("image_processor") or {}
+    else:
         return {}
-    with open(file) as f:
-        pre = json.load(f)
     out: dict[str, Any] = {}
     if pre.get("do_normalize", True):
         if "image_mean" in pre:

@@ -109,13 +109,15 @@ def state_shardings(
     param_shardings = var_shardings.pop("params")
     abstract = jax.eval_shape(init_fn, rng)
     rep = mesh_lib.replicated(mesh)
+    # Frozen params (optimizer.frozen) have no state: optax.MaskedNode stays in its place.
+    masked = optax.transforms.MaskedNode
     opt_shardings = optax.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
+        lambda x, sharding: x if isinstance(x, masked) else sharding,
         abstract.opt_state,
         param_shardings,
         transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, NamedSharding | masked),
     )
     shardings = TrainState(
         step=rep,
