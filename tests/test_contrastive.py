@@ -202,13 +202,14 @@ def test_jsonl_source_reads_and_checks(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "img/train_0.png", "caption": "a"}\n{"image": "x.png"}\n')
+    # Lines are checked when read (training skips and counts them: tests/data/test_jsonl.py).
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field\(s\) \['caption'\]"):
-        jsonl.JsonlSource(str(bad), required=("caption",))
+        jsonl.JsonlSource(str(bad), required=("caption",))[1]
     bad.write_text('{"image": "img/train_0.png", "caption": "a"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        jsonl.JsonlSource(str(bad))
+        jsonl.JsonlSource(str(bad))[1]
     bad.write_text('{"image": "missing.png", "caption": "a"}\n')
-    with pytest.raises(ValueError, match="cannot read image"):
+    with pytest.raises(ValueError, match="no image file"):
         jsonl.JsonlSource(str(bad))[0]
 
 

@@ -262,6 +262,7 @@ RANGES: dict[str, tuple[type, float | None, float | None, bool, bool]] = {
     "data.num_train": (int, 1, None, True, False),
     "data.num_heldout": (int, 1, None, True, False),
     "data.eval_crop_fraction": (float, 0, 1, False, True),
+    "data.max_skip_fraction": (float, 0, 1, True, True),
     "optimizer.learning_rate": (float, 0, None, True, False),
     "optimizer.warmup_steps": (int, 0, None, True, False),
     "optimizer.end_learning_rate_factor": (float, 0, None, True, False),
@@ -312,6 +313,37 @@ def _choice_problem(key: str, value: Any, choices: Iterable[str]) -> str | None:
     return f"{key}={value!r} is not valid; {hint}"
 
 
+def _file_source_problem(data: Any) -> str | None:
+    """For tar / parquet / CSV sources and "::" mixtures: "" when fine (patterns match
+    files, one weight per source, a one-character separator), the problem, or None when
+    `data.source` is no such source."""
+    from vlmjax.data import file_index, mixture
+
+    source = data["source"]
+    parts = mixture.split(source)
+    kinds = ("wds:", "parquet:", "csv:", "jsonl:")
+    endings = (".tar", ".parquet", ".csv", ".tsv", ".jsonl")
+    if len(parts) == 1 and not (source.startswith(kinds) or source.endswith(endings)):
+        return None
+    problems = []
+    for part in parts:
+        pattern = part
+        for prefix in kinds:
+            pattern = pattern.removeprefix(prefix)
+        try:
+            file_index.expand(pattern)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e))
+    if len(parts) > 1 or data.get("source_weights"):
+        try:
+            mixture.weights(data.get("source_weights", ""), len(parts))
+        except ValueError as e:
+            problems.append(str(e))
+    if len(str(data.get("csv_separator", "\t"))) != 1:
+        problems.append(f"data.csv_separator={data.get('csv_separator')!r} must be one character")
+    return "; ".join(problems)
+
+
 def _source_problem(data: Any) -> str | None:
     """A `data.source` that is neither the embedded set, a jsonl file, nor a tfds dataset
     prepared under data_dir but close to one of those: a typo, named as such."""
@@ -320,6 +352,8 @@ def _source_problem(data: Any) -> str | None:
         return f"data.source={source!r} must be 'shapes', 'jsonl:PATH' or a tfds name"
     if source == "shapes" or source.startswith("jsonl:") or source.endswith(".jsonl"):
         return None
+    if (problem := _file_source_problem(data)) is not None:
+        return problem or None  # "": a file source whose files exist
     name = source.removeprefix("tfds:").split("/")[0].split(":")[0]
     data_dir = data.get("data_dir") or os.environ.get(
         "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")

@@ -43,7 +43,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "shapes"  # "shapes" (embedded), "jsonl:PATH", or a prepared tfds name
+    # "shapes" (embedded), "jsonl:PATH", a prepared tfds name, WebDataset tar shards
+    # ("wds:/d/{00000..00127}.tar" or any *.tar pattern), parquet ("/d/*.parquet"), CSV/TSV
+    # ("/d/train.csv"), or several of those joined by "::" and mixed (vlmjax/data/sources.py).
+    c.data.source = "shapes"
+    c.data.source_weights = ""  # "1::3": the mixing weights of "::"-joined sources
+    # Tar: "" takes the caption from {key}.txt, a name takes that key of {key}.json.
+    c.data.json_caption_key = ""
+    c.data.parquet_image_key = "jpg"  # image bytes (or HF's {"bytes", "path"} struct)
+    c.data.parquet_caption_key = "caption"
+    c.data.csv_img_key = "filepath"  # open_clip's --csv-img-key (paths relative to the file)
+    c.data.csv_caption_key = "title"  # open_clip's --csv-caption-key
+    c.data.csv_separator = "\t"  # open_clip's --csv-separator
+    # Where tar / jsonl / CSV record indexes are cached: "" beside each file, or (folder not
+    # writable) ~/.cache/vlmjax/index; a folder name puts them all there.
+    c.data.index_dir = ""
+    # Bad records (corrupt image, missing/empty/non-UTF-8 caption, bad jsonl line) are replaced
+    # and counted as data/skipped; the run stops when they pass this fraction of its examples.
+    c.data.max_skip_fraction = 0.01
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.train_split = "train"
     c.data.image_size = 32

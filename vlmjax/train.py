@@ -42,7 +42,7 @@ from vlmjax import (
 )
 from vlmjax import config as config_lib
 from vlmjax import mesh as mesh_lib
-from vlmjax.data import pipeline, sources
+from vlmjax.data import pipeline, skips, sources
 
 log = logging.getLogger("vlmjax")
 
@@ -437,6 +437,7 @@ def train(
         in_flight = None  # the step of the last save started (async: may still be writing)
         try:
             examples = 0  # position in the global input stream
+            skipped = 0  # bad records replaced so far (data/skipped; vlmjax/data/skips.py)
             restored = None
             if mngr.latest_step() is not None:
                 target = checkpoint.abstract(run.abstract, run.shardings)
@@ -449,6 +450,7 @@ def train(
             if restored is not None:
                 state, data = restored
                 examples = data["examples"]
+                skipped = data.get("skipped", 0)
                 log.info("resumed from step %d in %s", int(state.step), workdir)
             else:
                 state = run.init_fn(jax.random.PRNGKey(config.seed))
@@ -461,6 +463,7 @@ def train(
             train_iter = iter(
                 task.train_dataset(jax.process_index(), jax.process_count(), examples)
             )
+            skip_counter = skips.SkipCounter(config.data.max_skip_fraction, skipped)
             num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(run.abstract.params))
             log.info("%s: %.2fM parameters", type(run.model).__name__, num_params / 1e6)
             # Analytic training FLOPs, for train/tflops_per_device and train/mfu (None: unknown).
@@ -482,8 +485,9 @@ def train(
             with Preemption() as preemption:
                 for step in range(first + 1, last + 1):
                     profiler.before_step(step)
-                    # The wait for the batch is train/data_wait_fraction.
-                    batch = pipeline.to_global(data_wait.next(train_iter), run.batch_sharding)
+                    # Counts bad records; the wait for the batch is train/data_wait_fraction.
+                    host_batch = skip_counter.pop(data_wait.next(train_iter))
+                    batch = pipeline.to_global(host_batch, run.batch_sharding)
                     state, metrics, health = train_step(state, batch, health)
                     profiler.after_step(step, state)
                     examples += config.batch_size
@@ -491,6 +495,8 @@ def train(
                     if step % config.log_every == 0 or step == config.total_steps:
                         metrics, host_health = jax.device_get((metrics, health))
                         finite.check_finite(host_health, mngr, step)
+                        metrics["data/skipped"] = skip_counter.total()
+                        skip_counter.check(metrics["data/skipped"], examples)
                         try:  # a failed async save surfaces here, not at the next save
                             mngr.check_for_errors()
                         except Exception as e:
@@ -534,9 +540,8 @@ def train(
                         # Never save a non-finite state: retention would then delete the
                         # good steps (issue 12). One host read per checkpoint.
                         finite.check_finite(jax.device_get(health), mngr, step)
-                        checkpoint.save_checked(
-                            mngr, step, state, {"examples": examples}, in_flight
-                        )
+                        position = {"examples": examples, "skipped": skip_counter.total()}
+                        checkpoint.save_checked(mngr, step, state, position, in_flight)
                         in_flight = step
                     if preempted:
                         log.warning(

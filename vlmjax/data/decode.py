@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 
 import numpy as np
@@ -66,7 +67,10 @@ def decode_image(data: bytes | str, where: str) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadRecord(f"{where}: decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as e:
-        raise BadRecord(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+        # Without object reprs ("<_io.BytesIO object at 0x...>"): a reason is the same
+        # every time it is read.
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(e))
+        raise BadRecord(f"{where}: cannot decode image ({type(e).__name__}: {reason})") from None
     if out.ndim != 3 or out.shape[-1] != 3 or 0 in out.shape:
         raise BadRecord(f"{where}: image decodes to shape {out.shape}, not [h, w, 3]")
     return out

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from vlmjax.data import image_ops, workers
+from vlmjax.data import image_ops, skips, workers
 
 Example = dict[str, np.ndarray]
 
@@ -39,7 +39,9 @@ def as_image(
         image = image[..., None]
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    if image_size and image.shape[:2] != (image_size, image_size):
+    # A crop fraction below 1 resizes up and crops even an image already S x S, as the
+    # HF image processors do (resize to the short side, then crop).
+    if image_size and (image.shape[:2] != (image_size, image_size) or crop_fraction < 1):
         image = image_ops.resize_center_crop(image, image_size, crop_fraction, interpolation)
     return image.astype(np.uint8)
 
@@ -154,18 +156,19 @@ def train_dataset(
     ops = parse_augment(augment)
     if "random_resized_crop" in ops[1:]:
         raise ValueError("data.augment: random_resized_crop must come first")
-    ds = grain.MapDataset.source(source)
+    # Bad records (decode.BadRecord) are replaced as a pure function of the position and
+    # counted in each example's skip fields (vlmjax/data/skips.py).
+    ds = grain.MapDataset.source(skips.Replacing(source, features))
     if len(ds) < batch_size * process_count:
         raise ValueError(
             f"the dataset has {len(ds)} examples, fewer than one global batch of "
             f"{batch_size * process_count}"
         )
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.map(features)
 
     def randomise(ex: Example, rng: np.random.Generator) -> Example:
         if random_features is not None:
-            ex = random_features(ex, rng)
+            ex = {**random_features(ex, rng), **skips.carry(ex)}
         return {**ex, "image": _augment(ex["image"], rng, ops, augment_pad, image_size)}
 
     ds = ds.random_map(randomise, seed=seed + 1)

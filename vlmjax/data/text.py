@@ -31,6 +31,7 @@ import numpy as np
 
 from vlmjax.data import classnames, jsonl, shapes, sources, spm
 from vlmjax.data import tokenizer as tokenizer_lib
+from vlmjax.data.decode import BadRecord
 
 log = logging.getLogger("vlmjax")
 
@@ -107,13 +108,18 @@ def _train_captions(cfg: ml_collections.ConfigDict):
     """Lazily, every caption of the train split (for training a word vocabulary)."""
     path = jsonl.parse(cfg.source)
     if path is not None and cfg.caption_key:
-        for value in jsonl.JsonlSource(path, required=(cfg.caption_key,)).field(cfg.caption_key):
+        source = jsonl.JsonlSource(path, required=(cfg.caption_key,))
+        for value in source.field(cfg.caption_key, skip_bad=True):  # as training skips them
             yield from ([value] if isinstance(value, str) else value)
         return
     names = sources.class_names(cfg) if not cfg.caption_key else None
     source = sources.source(cfg, cfg.train_split)
+    read_caption = getattr(source, "caption", None)  # file sources: the text, no image
     for i in range(len(source)):
-        yield from captions_of(source[i], cfg, names)
+        try:
+            yield from [read_caption(i)] if read_caption else captions_of(source[i], cfg, names)
+        except BadRecord:
+            continue  # training skips it too (vlmjax/data/skips.py)
 
 
 def _train_fields(cfg: ml_collections.ConfigDict, fields: tuple[str, ...]):
@@ -123,7 +129,7 @@ def _train_fields(cfg: ml_collections.ConfigDict, fields: tuple[str, ...]):
     if path is not None:
         source = jsonl.JsonlSource(path, required=fields)
         for field in fields:
-            for value in source.field(field):
+            for value in source.field(field, skip_bad=True):
                 yield from ([value] if isinstance(value, str) else value)
         return
     source = sources.source(cfg, cfg.train_split)

@@ -148,24 +148,34 @@ class TarSource:
         except OSError as e:  # a shard truncated since it was indexed
             raise BadRecord(f"{path}:#{int(index) - int(self._starts[shard])}: {e}") from None
 
+    def caption(self, index: int) -> str:
+        """Sample `index`'s caption alone (no image is read), e.g. to train a tokenizer."""
+        shard, rec = self._locate(int(index))
+        try:
+            return self._caption(self.shards[shard], rec)
+        except BadRecord as e:
+            raise BadRecord(f"{self.key(int(index))}{e}") from None
+
+    def _caption(self, path: str, rec: np.void) -> str:
+        if not self.json_caption_key:
+            return decode_caption(self._member(path, rec, "text"), ".txt")
+        raw = self._member(path, rec, "json")
+        if raw is None:
+            raise BadRecord(": no .json member to read the caption from")
+        try:
+            meta = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRecord(f".json: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or self.json_caption_key not in meta:
+            raise BadRecord(f".json: no '{self.json_caption_key}' key")
+        return decode_caption(meta[self.json_caption_key], ".json")
+
     def _read(self, path: str, rec: np.void) -> dict[str, Any]:
         """The sample of index record `rec`; BadRecord messages start after the location."""
         image = self._member(path, rec, "image")
         if image is None:
             raise BadRecord(f": no image member ({', '.join(IMAGE_EXTENSIONS)})")
-        if self.json_caption_key:
-            raw = self._member(path, rec, "json")
-            if raw is None:
-                raise BadRecord(": no .json member to read the caption from")
-            try:
-                meta = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadRecord(f".json: not valid JSON ({e})") from None
-            if not isinstance(meta, dict) or self.json_caption_key not in meta:
-                raise BadRecord(f".json: no '{self.json_caption_key}' key")
-            caption = decode_caption(meta[self.json_caption_key], ".json")
-        else:
-            caption = decode_caption(self._member(path, rec, "text"), ".txt")
+        caption = self._caption(path, rec)
         return {"image": decode_image(image, ""), self.caption_key: caption}
 
     def __repr__(self) -> str:
