@@ -50,7 +50,7 @@ import numpy as np
 from vlmjax import config as config_lib
 from vlmjax import flops, losses
 from vlmjax.data import fuyu_layout as fl
-from vlmjax.data import pipeline, sources, workers
+from vlmjax.data import pipeline, skips, sources, workers
 from vlmjax.data import text as text_lib
 from vlmjax.models import fuyu
 from vlmjax.tasks import Task
@@ -303,7 +303,11 @@ def train_dataset(
     def pack(sequences):
         return pack_examples(sequences, rows, settings.seq_len, spec.tokens.pad)
 
-    ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat()
+    # A bad record (decode.BadRecord, e.g. a jsonl line naming a missing image) is replaced
+    # as in pipeline.train_dataset; packed rows carry no per-example fields, so here it is
+    # not counted in data/skipped.
+    ds = grain.MapDataset.source(skips.Replacing(source, dict)).shuffle(seed=config.seed)
+    ds = ds.repeat()
     ds = ds.random_map(example, seed=config.seed + 1)
     ds = ds[start_example:].batch(per_process, drop_remainder=True, batch_fn=pack)
     ds = ds[process_index::process_count]
