@@ -4,12 +4,14 @@ timings themselves, which depend on the machine)."""
 import json
 import math
 import os
+import tarfile
 
 import numpy as np
 import pytest
 
-from vlmjax import bench, cli, flops, losses
+from vlmjax import cli, flops, losses
 from vlmjax import mesh as mesh_lib
+from vlmjax.bench import common, inputs, loss, step
 from vlmjax.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,19 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_timed_runs_caps_runs_by_budget():
     calls = []
-    median, runs = bench.timed_runs(lambda: calls.append(1), repeats=5, max_seconds=1e9)
+    median, runs = common.timed_runs(lambda: calls.append(1), repeats=5, max_seconds=1e9)
     assert runs == 5 and len(calls) == 6 and median >= 0  # one warm-up
     calls.clear()
-    _, runs = bench.timed_runs(lambda: calls.append(1), repeats=5, max_seconds=0.0)
+    _, runs = common.timed_runs(lambda: calls.append(1), repeats=5, max_seconds=0.0)
     assert runs == 1 and len(calls) == 2
 
 
 def test_markdown_table():
-    assert bench.markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
+    assert common.markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
 
 
 def test_loss_bench_memory_and_timing(capsys):
-    results = bench.bench_loss((2048,), embed_dim=16, repeats=1, max_seconds=0.0, tile=64)
+    results = loss.bench_loss((2048,), embed_dim=16, repeats=1, max_seconds=0.0, tile=64)
     out = capsys.readouterr().out
     assert len(results) == len(losses.KINDS) * len(losses.IMPLS)
     by = {(r["kind"], r["impl"]): r for r in results}
@@ -51,11 +53,11 @@ def test_loss_bench_memory_and_timing(capsys):
 
 def test_loss_bench_skips_timing_that_would_not_fit(capsys):
     mesh = mesh_lib.make_mesh()
-    r = bench.loss_case("sigmoid", "all_gather", 1024, 8, mesh, ram_fraction=0.0)
+    r = loss.loss_case("sigmoid", "all_gather", 1024, 8, mesh, ram_fraction=0.0)
     assert r["step_s"] is None and r["runs"] == 0 and r["temp_bytes"] > 0 and not r["fits"]
-    r = bench.loss_case("sigmoid", "chunked", 1024, 8, mesh, repeats=0)  # memory only
+    r = loss.loss_case("sigmoid", "chunked", 1024, 8, mesh, repeats=0)  # memory only
     assert r["step_s"] is None and r["runs"] == 0 and r["fits"]
-    bench.bench_loss((1024,), embed_dim=8, ram_fraction=0.0)
+    loss.bench_loss((1024,), embed_dim=8, ram_fraction=0.0)
     assert capsys.readouterr().out.count("not timed (would need ") == 6
 
 
@@ -65,7 +67,7 @@ def test_accumulation_bench(capsys):
     from contrastive_accum_worker import tiny_clip
 
     model = tiny_clip("softmax")
-    results = bench.bench_accum((1, 2), 32, steps=1, model=model, image_size=16)
+    results = loss.bench_accum((1, 2), 32, steps=1, model=model, image_size=16)
     one, two = results
     assert (one["k"], two["k"]) == (1, 2) and one["grad_diff"] == 0
     assert two["grad_diff"] < 1e-5 and one["temp_bytes"] > 0 and two["temp_bytes"] > 0
@@ -75,7 +77,7 @@ def test_accumulation_bench(capsys):
 
 
 def test_measure_peak_runs():
-    assert bench.measure_peak_tflops(size=128, iters=2) > 0
+    assert step.measure_peak_tflops(size=128, iters=2) > 0
 
 
 def test_train_bench_cli(tiny_config, tmp_path, capsys):
@@ -104,20 +106,59 @@ def test_train_bench_cli(tiny_config, tmp_path, capsys):
 
 
 def test_data_bench(tiny_config, capsys):
-    result = bench.bench_data(tiny_config(), batches=2, warmup=1)
+    result = inputs.bench_data(tiny_config(), batches=2, warmup=1)
     assert result["shapes"]["image"] == (64, 32, 32, 3)
-    assert result["examples_per_sec"] > 0 and result["cores"] >= 1
+    assert result["workers"] == 0  # shapes: the automatic count is 0
+    assert result["examples_per_sec"] > 0 and result["cores"] >= 1 and result["start_s"] > 0
     assert result["per_core"] == pytest.approx(result["examples_per_sec"] / result["cores"])
-    assert "img/s per core" in capsys.readouterr().out
+    assert result["per_worker"] == result["examples_per_sec"]
+    print(inputs.data_table(tiny_config(), [result]))
+    assert "| img/s per worker |" in capsys.readouterr().out
+
+
+def test_webdataset_bench_writes_shards_and_reads_them_as_clip_does(tmp_path, capsys):
+    """`bench data --wds DIR --make_shards 1`: img2dataset-layout shards of 256 px JPEGs,
+    a CLIP BPE trained on their captions, and CLIP ViT-B/16's batches (224 px, 77 tokens)."""
+    from PIL import Image
+
+    from vlmjax.data import hf_tokenizer, shapes
+    from vlmjax.data.tokenizer import load_tokenizer
+
+    folder = str(tmp_path / "wds")
+    argv = ["bench", "data", "--wds", folder, "--make_shards", "1", "--samples_per_shard", "12"]
+    argv += ["--num_workers", "0", "--batch_size", "4", "--batches", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| contrastive | 4 | 0 |" in out
+    assert "index: 36 bytes per record on disk" in out
+    with tarfile.open(os.path.join(folder, "00000.tar")) as tar:
+        names = tar.getnames()
+        assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+        assert len(names) == 36
+        image = Image.open(tar.extractfile("000000003.jpg"))
+        assert (image.format, image.size) == ("JPEG", (256, 256))
+        caption = tar.extractfile("000000003.txt").read().decode()
+    assert caption == shapes.split_example("train", 3, 256)["caption"]
+    tok = load_tokenizer(os.path.join(folder, "tokenizer.json"))
+    assert isinstance(tok, hf_tokenizer.HFTokenizer)
+    assert tok.decode(tok.encode(caption, 77)[0]) == caption
+
+    report = inputs.bench_wds(folder, num_workers=(0,), batch_size=4, batches=1)
+    (r,) = report["results"]
+    assert (r["shapes"]["image"], r["shapes"]["tokens"]) == ((4, 224, 224, 3), (4, 77))
+    # On disk a fixed 36-byte record per sample; in memory a few arrays per shard, whatever
+    # the number of samples (here well under 2 KiB for the shard's 12).
+    assert report["index_bytes_on_disk"] == 36
+    assert 0 < report["index_bytes_in_memory"] * 12 < 2048
 
 
 def test_compile_time_of_a_train_step(tiny_config):
-    lower_s, compile_s = bench.compile_time(tiny_config())
+    lower_s, compile_s = step.compile_time(tiny_config())
     assert lower_s > 0 and compile_s > 0
 
 
 def test_vit_b16_compile_config_is_b16():
-    config = bench.vit_b16_config(depth=24, scan=True, batch_size=8)
+    config = step.vit_b16_config(depth=24, scan=True, batch_size=8)
     model = flops.model_from_config(config)
     assert model.hparams() == dict(width=768, depth=24, mlp_dim=3072, num_heads=12, patch_size=16)
     assert model.scan and config.data.image_size == 224
@@ -137,12 +178,12 @@ def test_flops_command(capsys):
 
 def test_simulate_cpu_devices_keeps_an_explicit_count(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    bench.simulate_cpu_devices()
+    common.simulate_cpu_devices()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    bench.simulate_cpu_devices(8)
+    common.simulate_cpu_devices(8)
     assert os.environ["XLA_FLAGS"].split() == [
         "--xla_dump_to=/tmp/x",
         "--xla_force_host_platform_device_count=8",
     ]
-    assert np.isfinite(bench.available_ram()) and bench.available_ram() > 0
+    assert np.isfinite(common.available_ram()) and common.available_ram() > 0
