@@ -119,6 +119,30 @@ def test_patterns_and_mixture(data, tmp_path):
     assert [mix[j] for j in range(160)] == drawn  # a pure function of the position
     with pytest.raises(ValueError, match="2 positive numbers"):
         mixture.weights("1::0", 2)
+    # Checked with the config, before anything is built.
+    from vlmjax import config as config_lib
+
+    bad = _config(data["tar"], {"data.source": f"{folder}/{{00000..00002}}.tar::{data['csv']}"})
+    bad.data.source_weights = "1::2::3"
+    with pytest.raises(
+        config_lib.ConfigError, match=r"00002.tar' matches no file.*must be 2 positive"
+    ):
+        config_lib.validate(bad)
+
+
+def test_an_evaluator_reads_its_own_shards(data):
+    """evals.NAME.source='wds:...' needs no split: the evaluator reads those shards."""
+    from vlmjax import evaluators
+    from vlmjax.evaluators import common
+
+    config = _config(data["tar"], {"data.source": "shapes"})
+    settings = evaluators.check_settings(
+        "val", {"type": "retrieval", "source": data["tar"]}, config
+    )
+    source = common.open_source(evaluators._data(settings, config), required=("caption",))
+    assert isinstance(source, webdataset.TarSource) and len(source) == td.NUM
+    with pytest.raises(Exception, match="split is required"):
+        evaluators.check_settings("val", {"type": "retrieval"}, config)
 
 
 def _config(tar, workdir_overrides=()):

@@ -13,7 +13,8 @@ keys): `classification`, `zeroshot`, `retrieval`, `fewshot`, `captioning`, `vqa`
 Keys every evaluator takes; unset ones follow the run:
 
     type         one of TYPES (required)
-    split        the split to evaluate (required; a jsonl evaluator reads its `source` file)
+    split        the split to evaluate (required; a jsonl, tar, parquet or CSV evaluator
+                 reads its `source` files)
     every        steps between runs (default: the run's `eval_every`; 0: only at the end)
     batch_size   rows per global batch (default: `eval_batch_size`); rounded up to the batch
                  shards, the last batch padded and masked
@@ -36,7 +37,7 @@ import jax
 import ml_collections
 
 from vlmjax import config as config_lib
-from vlmjax.data import jsonl
+from vlmjax.data import jsonl, sources
 from vlmjax.evaluators import classification, common, decoder, fewshot, retrieval, zeroshot
 
 TYPES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -91,7 +92,8 @@ def check_settings(name: str, raw: dict, config: ml_collections.ConfigDict) -> d
                 + config_lib.suggest(key, sorted(valid))
             )
     out = {**valid, **raw}
-    if not out["split"] and jsonl_source(out, config) is None:
+    own_files = bool(out["source"]) and sources.is_file_source(out["source"])  # tar, CSV, ...
+    if not out["split"] and jsonl_source(out, config) is None and not own_files:
         raise config_lib.ConfigError(f"{where}.split is required (e.g. 'validation')")
     out["every"] = config.eval_every if out["every"] is None else out["every"]
     out["batch_size"] = out["batch_size"] or config.eval_batch_size

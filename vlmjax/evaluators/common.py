@@ -41,6 +41,8 @@ def open_source(data: Data, split: str | None = None, required: tuple[str, ...] 
     path = jsonl.parse(data.cfg.source)
     if path is not None:
         return jsonl.JsonlSource(path, required=required)
+    if sources.is_file_source(data.cfg.source):  # tar / parquet / CSV: one file set, one split
+        return sources.source(data.cfg, data.cfg.train_split, required)
     split = data.split if split is None else split
     source = sources.source(data.cfg, split)
     if not len(source):
