@@ -1,8 +1,9 @@
 """Checkpoints with orbax: the train state (params, optimizer state, step, RNG) and the data
 position, saved asynchronously under WORKDIR/checkpoints/<step>.
 
-The data position is {"examples": n}, the number of examples of the global input stream
-consumed so far (see `data/pipeline.py`): unlike a per-process iterator state, it stays
+The data position is {"examples": n, "skipped": k}: the number of examples of the global
+input stream consumed so far (see `data/pipeline.py`), and of bad records replaced in it
+(`data/skipped`, `data/skips.py`). Unlike a per-process iterator state, it stays
 meaningful when a run is restored with another process count or batch size.
 
 Only steps whose save committed are listed by orbax, so a run killed mid-save resumes from

@@ -4,6 +4,7 @@ training, resume, and per-process shares (issue 15)."""
 import json
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -87,6 +88,9 @@ def test_parquet_and_csv_yield_the_tar_examples(data):
             got = src[i]
             assert got["caption"] == want["caption"]
             np.testing.assert_array_equal(got["image"], want["image"])
+    for src in (tar, parquet, table):  # worker processes get the sources pickled
+        copy = pickle.loads(pickle.dumps(src))
+        np.testing.assert_array_equal(copy[1]["image"], tar[1]["image"])
     with pytest.raises(decode.BadRecord, match=r"train.tsv:24: not UTF-8"):
         table[22]  # record 0 is line 2, after the header
     with pytest.raises(decode.BadRecord, match=r"00001.parquet:#16: empty caption"):

@@ -98,6 +98,16 @@ class ParquetSource:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def __getstate__(self) -> dict:
+        # Worker processes (data.num_workers) get the source pickled: each starts with its
+        # own empty cache and lock.
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = collections.OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def _group(self, g: int) -> tuple[list, list]:
         with self._lock:
             if g in self._cache:
