@@ -123,6 +123,14 @@ def test_patterns_and_mixture(data, tmp_path):
     assert [mix[j] for j in range(160)] == drawn  # a pure function of the position
     with pytest.raises(ValueError, match="2 positive numbers"):
         mixture.weights("1::0", 2)
+    # Through data.source: the tar shards and the TSV, 1::1 (each shows every record once).
+    both_cfg = _config(data["tar"], {"data.source": f"{data['tar']}::{data['csv']}"})
+    mixed = sources.source(both_cfg.data, "train")
+    assert isinstance(mixed, mixture.Mixture) and len(mixed) == 2 * td.NUM
+    assert sorted(mixed.locate(j) for j in range(len(mixed))) == [
+        (s, i) for s in (0, 1) for i in range(td.NUM)
+    ]
+    assert mixed[1]["caption"] == td.sample(mixed.locate(1)[1])[2].decode()
     # Checked with the config, before anything is built.
     from vlmjax import config as config_lib
 
