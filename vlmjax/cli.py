@@ -6,6 +6,7 @@
     vlmjax bench loss|train|compile|data|flops|peak [...]   (see vlmjax/bench/)
     vlmjax generate --workdir DIR --image PATH --prompt TEXT [--max_new_tokens N]
                     [--temperature T --top_k K] [--step N]   (decoder runs: prints its text)
+    vlmjax export --workdir DIR [--step N] --out HF_DIR   (a folder transformers loads)
 
 Multi-process runs add --coordinator_address/--num_processes/--process_id (or the
 VLMJAX_* environment variables, or nothing under SLURM and on TPU pods): see distributed.py.
@@ -73,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0: all")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--step", type=int, help="a kept step (default: the latest)")
+    export = commands.add_parser(
+        "export", help="write a checkpoint as a Hugging Face folder (vlmjax/export.py)"
+    )
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--step", type=int, help="a kept step (default: the latest)")
+    export.add_argument("--out", required=True, help="the folder to write")
+    _add_cluster_flags(export)
     return parser
 
 
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             config_lib.validate(config)  # ranges and names, before JAX starts
         else:
             config = config_lib.load_workdir(args.workdir)
-            if args.evals:
+            if getattr(args, "evals", None):
                 config_lib.replace_evals(config, args.evals)
             for key, value in overrides:
                 config_lib.override(config, key, value)
@@ -210,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             metrics = train.train(config, args.workdir)
             if jax.process_index() == 0 and metrics:
                 print(f"final: {_summary(metrics)}")
+        elif args.command == "export":
+            from vlmjax import export
+
+            step, written = export.export(config, args.workdir, args.out, args.step)
+            print(f"step {step} -> {args.out}: " + ", ".join(written))
         else:
             step, metrics = train.evaluate_checkpoint(config, args.workdir, args.step)
             if jax.process_index() == 0:

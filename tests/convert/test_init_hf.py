@@ -30,7 +30,8 @@ TOLERANCE = 1e-4
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 CLASSES = ["circle", "square", "triangle"]
-SIZES = [(45, 61), (80, 40), (33, 70), (64, 64), (36, 50)]  # [h, w], mostly non-square
+SIZES = [(45, 61), (80, 40), (33, 70), (64, 64), (36, 50), (50, 36), (70, 90), (40, 41)] * 2
+# [h, w] of the labelled PNGs, mostly non-square
 TEMPLATES = "a photo of a {}.|a large {}"
 CLIP = dict(
     projection_dim=16,
@@ -162,13 +163,17 @@ def test_zeroshot_embeddings_equal_transformers(clip_folder, labelled):
     assert images.shape == ref["image_embeds"].shape == (len(SIZES), 16)
     assert image_diff <= TOLERANCE and text_diff <= TOLERANCE
     # The evaluator's accuracy is transformers' embeddings' zero-shot accuracy.
-    z = ref["text_embeds"].reshape(len(CLASSES), 2, -1)
-    classifier = z / np.linalg.norm(z, axis=-1, keepdims=True)
-    classifier = classifier.mean(1)
+    assert metrics["accuracy"] == pytest.approx(hf_zero_shot_accuracy(ref))
+
+
+def hf_zero_shot_accuracy(ref: dict) -> float:
+    """Zero-shot accuracy from transformers' embeddings: each class the normalised mean of
+    its prompts' embeddings, as the evaluator does."""
+    z = ref["text_embeds"].reshape(len(CLASSES), len(TEMPLATES.split("|")), -1)
+    classifier = (z / np.linalg.norm(z, axis=-1, keepdims=True)).mean(1)
     classifier /= np.linalg.norm(classifier, axis=-1, keepdims=True)
     labels = np.arange(len(SIZES)) % len(CLASSES)
-    expected = float(((ref["image_embeds"] @ classifier.T).argmax(1) == labels).mean())
-    assert metrics["accuracy"] == pytest.approx(expected)
+    return float(((ref["image_embeds"] @ classifier.T).argmax(1) == labels).mean())
 
 
 def test_contradicting_config_is_an_error_naming_both_values(clip_folder, labelled):
@@ -198,3 +203,95 @@ def test_contradicting_config_is_an_error_naming_both_values(clip_folder, labell
     missing = _config(clip_folder + "_missing", jsonl)
     with pytest.raises(config_lib.ConfigError, match="is not a directory"):
         init_hf.resolve(missing)
+
+
+def _embeddings(config, state_fn, prompts):
+    """(image embeddings [n, E], prompt embeddings [t, E], log_scale) of the state
+    `state_fn(run, config)` through the zero-shot evaluator of `config`."""
+    mesh = mesh_lib.make_mesh(-1, 1, 1)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.RULES):
+        task = tasks.build(config)
+        run = train.setup(config, task, mesh)
+        state = state_fn(run, config)
+        (zs,) = evaluators.build(config, task, mesh)
+        ev, variables = zs.evaluator, common.variables(state)
+        fetch = common.labelled_fetch(ev.data, ev.source, ev.label_key)
+        count = common.num_examples(ev.source, ev.data.max_examples)
+        images = ev.embed_images(variables, common.batches(count, fetch, ev.rows))["z"]
+        rows = common.batches(len(prompts), lambda i: {"tokens": ev.prompt_tokens[i]}, ev.rows)
+        texts = ev.embed_texts(variables, rows)["z"]
+        return images, texts, float(np.asarray(variables["params"]["log_scale"]))
+
+
+def test_finetune_from_folder_and_export_match_transformers(
+    clip_folder, labelled, data_dir, tmp_path
+):
+    """LiT from the folder on `shapes`: the first evaluation (step 1, learning rate 0 in
+    warmup) is the imported model's zero-shot (transformers' on the same PNGs); after 2
+    steps with an EMA, `vlmjax export` writes a folder whose CLIPModel + CLIPProcessor give
+    our eval's embeddings and logits."""
+    from vlmjax import cli, export
+
+    config = config_lib.load(os.path.join(ROOT, "experiments", "lit_from_hf.py:" + clip_folder))
+    for key, value in {
+        "data.data_dir": data_dir,
+        "data.num_train": 4096,
+        "data.num_heldout": 256,
+        "batch_size": 16,
+        "total_steps": 2,
+        "log_every": 1,
+        "eval_every": 1,
+        "checkpoint_every": 2,
+        "optimizer.warmup_steps": 1,
+        "optimizer.learning_rate": 0.05,
+        "optimizer.ema_decay": 0.5,
+    }.items():
+        config_lib.override(config, key, str(value))
+    jsonl, reference, prompts = labelled
+    zs = dict(
+        type="zeroshot", source=f"jsonl:{jsonl}", split="train", class_names=CLASSES,
+        templates=TEMPLATES, batch_size=8,
+    )  # fmt: skip
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict({"zs": zs})
+    workdir = str(tmp_path / "run")
+    train.train(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = next(r for r in map(json.loads, f) if "eval/zs/accuracy" in r)
+    # The imported model's zero-shot on the labelled set, as transformers computes it.
+    assert first["step"] == 1
+    assert first["eval/zs/accuracy"] == pytest.approx(hf_zero_shot_accuracy(reference))
+
+    # Export (the CLI path) and compare with transformers on the labelled PNGs.
+    out = str(tmp_path / "exported")
+    assert cli.main(["export", "--workdir", workdir, "--out", out]) == 0
+    written = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= written
+    assert "tokenizer.json" in written  # copied from the folder the run started from
+    paths = [os.path.join(os.path.dirname(jsonl), f"{i}.png") for i in range(len(SIZES))]
+    spec = dict(folder=out, images=paths, texts=prompts)
+    ref_dir = run_reference("embed", spec, str(tmp_path / "ref_export"))
+    theirs = dict(np.load(os.path.join(ref_dir, "io.npz")))
+    evaluated = config_lib.load_workdir(workdir)  # its evals read the labelled PNGs
+
+    def restored(run, cfg):
+        from vlmjax import checkpoint
+
+        mngr = checkpoint.manager(workdir, max_to_keep=None)
+        state = checkpoint.restore(mngr, checkpoint.abstract(run.abstract, run.shardings))
+        mngr.close()
+        gaps = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state.ema, state.params)
+        assert max(jax.tree.leaves(gaps)) > 1e-3  # the EMA is what both sides evaluate
+        return state
+
+    images, texts, log_scale = _embeddings(evaluated, restored, prompts)
+    logits = np.exp(log_scale) * images @ texts.T
+    diffs = {
+        "image_embeds": np.abs(images - theirs["image_embeds"]).max(),
+        "text_embeds": np.abs(texts - theirs["text_embeds"]).max(),
+        "logits_per_image": np.abs(logits - theirs["logits_per_image"]).max(),
+    }
+    print("exported run vs transformers, max abs diff:", diffs)
+    assert all(d <= TOLERANCE for d in diffs.values()), diffs
+    assert np.abs(theirs["logits_per_image"]).max() > 1.0
+    assert export.preprocessor_config(evaluated.data)["resample"] == 3  # bicubic kept
