@@ -16,8 +16,9 @@ busy with steps dispatched earlier). Evaluation time is left out (the interval r
 after it), as it is from `train/examples_per_sec`.
 
 `Profiler` writes a `jax.profiler` trace of the steps of `profile_steps = "A:B"` (steps A to
-B - 1, half-open like a Python range) into WORKDIR/profile/, which TensorBoard's profile
-plugin and Perfetto (ui.perfetto.dev, the `.trace.json.gz` file) read.
+B - 1, half-open like a Python range) into WORKDIR/profile/ (WORKDIR/profile/process_I/ in a
+multi-process run), which TensorBoard's profile plugin and Perfetto (ui.perfetto.dev, the
+`.trace.json.gz` file) read.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class Profiler:
         if self._steps is not None and step == self._steps[0] and not self._active:
             import jax
 
+            if jax.process_count() > 1:  # processes on one host would share a file name
+                self.directory = os.path.join(self.directory, f"process_{jax.process_index()}")
             os.makedirs(self.directory, exist_ok=True)
             jax.profiler.start_trace(self.directory)
             self._active = True

@@ -15,6 +15,11 @@ SIGKILL, so nothing closed it) notices within a second and exits, so no orphan i
 
 Memory: each worker holds up to `data.prefetch` batches read ahead plus one finished batch,
 so about N x (prefetch + 1) host batches in all.
+
+Several trainer processes on one host (one per GPU) each start their own workers: the
+automatic count reads this process's CPU affinity, so a launcher that binds each process to
+its share of the cores (SLURM's --cpus-per-task, taskset) gets a fair split; without one,
+set data.num_workers to about cores / processes - 1.
 """
 
 from __future__ import annotations
