@@ -150,15 +150,19 @@ def _models() -> dict:
 
 def _ours(name: str, model, variables, images, extra) -> dict[str, np.ndarray]:
     if name in ("clip", "siglip"):
-        got = model.apply(variables, images, extra["tokens"])
+        got = jax.jit(model.apply)(variables, images, extra["tokens"])
         zimg, ztxt = np.asarray(got["zimg"]), np.asarray(got["ztxt"])
         logits = np.exp(np.asarray(got["log_scale"])) * zimg @ ztxt.T
         if got["bias"] is not None:
             logits = logits + np.asarray(got["bias"])
         return dict(image_embeds=zimg, text_embeds=ztxt, logits_per_image=logits)
     if name == "fuyu":
-        return dict(logits=np.asarray(model.apply(variables, **extra)))
-    return dict(logits=np.asarray(model.apply(variables, images, train=False)))
+        return dict(logits=np.asarray(jax.jit(model.apply)(variables, **extra)))
+    return dict(
+        logits=np.asarray(
+            jax.jit(model.apply, static_argnames="train")(variables, images, train=False)
+        )
+    )
 
 
 def test_random_vlmjax_models_load_in_transformers_with_our_outputs(tmp_path):
@@ -211,6 +215,9 @@ def test_options_hf_cannot_express_fail_before_writing(tmp_path):
     model = convnets.ResNet(num_classes=3, depth=18, stage_sizes=(1,), width=8, stem_pool=False)
     with pytest.raises(ValueError, match="stem_pool=False"):
         convert.to_hf(model, _init(model, images, train=False), str(out))
+    legacy_eos = clip.CLIP(embed_dim=16, vision=VISION, text=dict(TEXT, eos_id=2))
+    with pytest.raises(ValueError, match="text.eos_id=2"):
+        convert.to_hf(legacy_eos, {}, str(out))
     siglip_like = clip.CLIP(embed_dim=16, vision=dict(VISION, pool="map"), text=TEXT)
     with pytest.raises(ValueError, match="SiglipModel: .*text.pool='eos'.*text.causal=True"):
         convert.to_hf(siglip_like, {}, str(out))

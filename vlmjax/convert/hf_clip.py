@@ -283,6 +283,11 @@ def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str,
         problems.append(
             f"text.activation={text_tower.activation!r} (supported: {sorted(_HF_ACTIVATIONS)})"
         )
+    if text_tower.eos_id == _LEGACY_EOS_ID:
+        problems.append(
+            f"text.eos_id={_LEGACY_EOS_ID} (transformers reads eos_token_id=2 as 'pool at the "
+            f"argmax of the ids', from legacy CLIP configs, not as token 2)"
+        )
     for field in ("image_projection", "text_projection"):
         if getattr(model, field) != "linear":
             problems.append(f"{field}={getattr(model, field)!r} (CLIPModel's is 'linear')")
@@ -350,11 +355,6 @@ def export(model: clip.CLIP, variables: dict) -> tuple[dict[str, Any], dict[str,
             projection_dim=model.embed_dim,
         ),
     }
-    if text_tower.eos_id == _LEGACY_EOS_ID:
-        raise ValueError(
-            f"text.eos_id={_LEGACY_EOS_ID}: transformers reads eos_token_id=2 as 'pool at the "
-            f"argmax of the ids' (legacy CLIP configs), not at token 2"
-        )
     return config, out
 
 

@@ -16,7 +16,9 @@ ViTModel):
     pooler.dense (ViTModel)                    -> pre_logits (then tanh)
     classifier                                 -> head
 
-Our ViT: `pool="cls", cls_position=True, pre_norm=False, eps=1e-12`, exact GELU.
+Our ViT: `pool="cls", cls_position=True, pre_norm=False, eps=1e-12`, exact GELU. A
+checkpoint with `qkv_bias=false` loads with zero q/k/v biases (ours always has them), and
+is exported back with `qkv_bias=true` and those zeros: the same function, other keys.
 
 ViTModel: we keep its pooler, as the original ViT's pre-logits layer (`rep_size`): the
 converted model (`num_classes=0`) returns HF's `pooler_output`, tanh(Dense(cls token)).
