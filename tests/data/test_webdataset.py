@@ -72,6 +72,25 @@ def test_tar_source_index_records_and_bad_samples(data):
         src.caption(13)
 
 
+def test_index_is_rebuilt_when_the_shard_changes_and_can_live_elsewhere(data, tmp_path):
+    import shutil
+    import tarfile
+
+    shard = str(tmp_path / "00000.tar")
+    shutil.copy(webdataset.TarSource(data["tar"]).shards[0], shard)
+    assert len(webdataset.TarSource(shard)) == td.PER_SHARD
+    with tarfile.open(shard, "a") as tar:  # one more sample: size and mtime change
+        td._add(tar, "extra.txt", b"an extra caption")
+        td._add(tar, "extra.jpg", td.sample(0)[1])
+    grown = webdataset.TarSource(shard)
+    assert len(grown) == td.PER_SHARD + 1 and grown[td.PER_SHARD]["caption"] == "an extra caption"
+    elsewhere = str(tmp_path / "index")
+    webdataset.TarSource(shard, index_dir=elsewhere)
+    (built,) = os.listdir(elsewhere)
+    assert built.startswith("00000.tar.") and built.endswith(file_index.SUFFIX)
+    assert not [f for f in os.listdir(elsewhere) if f.startswith(".idx-")]  # no temp left
+
+
 def test_parquet_and_csv_yield_the_tar_examples(data):
     tar = webdataset.TarSource(data["tar"])
     parquet = sources.parquet.ParquetSource(data["parquet"])
