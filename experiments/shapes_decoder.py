@@ -73,6 +73,9 @@ def get_config(arg=None):
     if arg == "tiny":
         c.batch_size = 32
         c.eval_batch_size = 64
+        # Test-sized runs read in the trainer: a data worker's start (seconds) outweighs it,
+        # whatever data.source a test gives (data.num_workers; vlmjax/data/workers.py).
+        c.data.num_workers = 0
         c.total_steps = 300
         c.log_every = 50
         c.eval_every = c.checkpoint_every = 300

@@ -43,6 +43,9 @@ def get_config(arg=None):
     if arg == "tiny":
         # ~30 s on the 2-core CPU; reaches ~0.4 held-out accuracy (chance: 1/6).
         c.batch_size = 64
+        # Test-sized runs read in the trainer: a data worker's start (seconds) outweighs it,
+        # whatever data.source a test gives (data.num_workers; vlmjax/data/workers.py).
+        c.data.num_workers = 0
         c.eval_batch_size = 128
         c.total_steps = 500
         c.log_every = 50
