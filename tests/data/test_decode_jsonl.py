@@ -118,6 +118,15 @@ def test_jsonl_problems_name_file_and_line(bad_jsonl, monkeypatch):
         assert reason in str(e.value), e.value
     with pytest.raises(decode.BadRecord, match=f"{path}:3: not UTF-8"):
         source.field("caption")  # an evaluator's scan stops on the first bad line
+    # An empty prompt is a captioning example, not a bad record; an empty target is bad.
+    decoder = os.path.join(os.path.dirname(path), "decoder.jsonl")
+    with open(decoder, "w") as f:
+        f.write(json.dumps({"image": "img/0.png", "prompt": "", "target": "a"}) + "\n")
+        f.write(json.dumps({"image": "img/0.png", "prompt": "q", "target": ""}) + "\n")
+    lines = jsonl.JsonlSource(decoder, required=("prompt", "target"))
+    assert lines[0]["prompt"] == "" and lines[0]["target"] == "a"
+    with pytest.raises(decode.BadRecord, match=f'{decoder}:2: "target" is empty'):
+        lines[1]
     # No image is read: the lines naming a missing, oversized or cut image give captions.
     assert source.field("caption", skip_bad=True) == ["a", "b", "e", "f", "g", "h"]
 

@@ -13,7 +13,7 @@ file like a tar shard's index), so a process holds no per-record memory whatever
 captions' length, and the file works with the same shuffled, resumable pipelines as tfds
 sources. A line is parsed when it is read; every record-level problem is a
 `decode.BadRecord` naming FILE:LINE: not UTF-8, not JSON, not an object, a missing or null
-field, an empty text, a label that is not a finite integer, a missing, corrupt or
+field, an empty text (but for `prompt`), a label that is not a finite integer, a missing, corrupt or
 oversized (decompression bomb) image. Training skips and counts those (`skips.py`); an
 evaluator or a scan of every caption (`field`) stops on the first, naming it.
 """
@@ -32,6 +32,7 @@ from vlmjax.data import file_index
 from vlmjax.data.decode import BadRecord, decode_image
 
 PREFIX = "jsonl:"
+MAY_BE_EMPTY = ("prompt",)  # an empty prompt is a captioning example (the decoder task)
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:
@@ -44,6 +45,8 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         if not math.isfinite(value) or value != int(value):
             raise BadRecord(f'{where}: "label" is {value!r}, not an integer')
         return int(value)
+    if key in MAY_BE_EMPTY:
+        return value
     if isinstance(value, str) and not value.strip():
         raise BadRecord(f'{where}: "{key}" is empty')
     if isinstance(value, list):
