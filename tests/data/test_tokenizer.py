@@ -143,3 +143,35 @@ def test_build_for_captions_caches(tmp_path):
     assert second == first
     # A cached file wins even over different captions.
     assert build_for_captions(["entirely new words"], path) == first
+
+
+def test_tokenizer_modules_import_only_the_base():
+    """bpe, spm, hf_tokenizer and word_tokenizer import no sibling but tokenizer_base; only
+    tokenizer.py (load_tokenizer) knows every kind: no import cycle."""
+    import ast
+    import os
+
+    import vlmjax.data
+
+    folder = os.path.dirname(vlmjax.data.__file__)
+    kinds = ("bpe", "spm", "hf_tokenizer", "word_tokenizer", "tokenizer_base", "tokenizer")
+    imported = {}
+    for name in kinds:
+        with open(os.path.join(folder, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            module = getattr(node, "module", None) or ""
+            if isinstance(node, ast.ImportFrom) and module == "vlmjax.data":
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and module.startswith("vlmjax.data."):
+                found.add(module.rsplit(".", 1)[1])
+        imported[name] = found & set(kinds)
+    assert imported == {
+        "bpe": {"tokenizer_base"},
+        "spm": {"tokenizer_base"},
+        "hf_tokenizer": {"tokenizer_base"},
+        "word_tokenizer": {"tokenizer_base"},
+        "tokenizer_base": set(),
+        "tokenizer": {"bpe", "spm", "hf_tokenizer", "tokenizer_base", "word_tokenizer"},
+    }
