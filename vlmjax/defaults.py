@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Start a new run from another run's parameters: a workdir, its checkpoints/ or one
     # checkpoints/<step>; only params whose path fullmatches init_from_params are taken,
     # the rest keep their fresh initialisation. Ignored when the workdir has a checkpoint.
-    # "hf:FOLDER": a Hugging Face save_pretrained folder (CLIP, SigLIP, ViT, ResNet, Fuyu),
+    # "hf:FOLDER": a Hugging Face save_pretrained folder (CLIP, SigLIP, ViT, ResNet),
     # which also sets model_name, model.*, data.tokenizer and the preprocessing (init_hf.py).
     c.init_from = ""
     c.init_from_params = ".*"

@@ -6,7 +6,7 @@ SigLIP also the tokenizer files, and usually preprocessor_config.json). Two step
 1. `resolve(config)`, first thing in `train.train`, before the config is validated or any
    task is built: the model the folder holds decides `config.model_name` and
    `config.model.*` (so the task, FLOPs, evaluators and checkpoint shapes all see it), its
-   tokenizer becomes `data.tokenizer` (contrastive, captioning), and its
+   tokenizer becomes `data.tokenizer` (contrastive), and its
    preprocessor_config.json fills `data.mean`, `data.std`, `data.interpolation`,
    `data.image_size` and `data.eval_crop_fraction`. A field the run config gives with another
    value is a `ConfigError` naming the field and both values, never a silent reshape. Run
@@ -272,6 +272,15 @@ def resolve(config: ml_collections.ConfigDict) -> None:
     except (FileNotFoundError, NotImplementedError, KeyError, ValueError) as e:
         raise config_lib.ConfigError(f"init_from={config.init_from!r}: {e}") from None
     task, name = _task_and_name(model)
+    if task == "captioning":
+        # Not wired yet: the decoder task reserves its image and image-newline ids after the
+        # tokenizer's vocabulary (tasks/captioning.py layout_spec), while Fuyu's are tokens
+        # inside it (|SPEAKER|, |NEWLINE|), so the folder's embedding table would not fit.
+        raise config_lib.ConfigError(
+            f"init_from={config.init_from!r}: a Fuyu folder cannot start a captioning run yet "
+            "(its image-token ids live inside the vocabulary, which the decoder layout does "
+            "not read); convert.from_hf reads the weights for inference"
+        )
     problems = []
     if config.task != task:
         problems.append(f"task={config.task!r} but the folder holds a {name} model (task={task!r})")
@@ -355,4 +364,6 @@ def restart_ema(state):
     """The EMA (if on) restarted at the current params (new buffers, same shardings)."""
     if state.ema is None:
         return state
-    return state.replace(ema=jax.jit(lambda p: jax.tree.map(jnp.copy, p))(state.params))
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+    return state.replace(ema=copy(state.params))

@@ -227,12 +227,19 @@ def test_finetune_from_folder_and_export_match_transformers(
     clip_folder, labelled, data_dir, tmp_path
 ):
     """LiT from the folder on `shapes`: the first evaluation (step 1, learning rate 0 in
-    warmup) is the imported model's zero-shot (transformers' on the same PNGs); after 2
-    steps with an EMA, `vlmjax export` writes a folder whose CLIPModel + CLIPProcessor give
-    our eval's embeddings and logits."""
-    from vlmjax import cli, export
+    warmup) is the imported model's zero-shot (transformers' on the same PNGs); stopped
+    there and resumed after the folder's weights changed, it continues from its own
+    checkpoint; after step 2 (with an EMA) `vlmjax export` writes a folder whose CLIPModel
+    + CLIPProcessor give our eval's embeddings and logits."""
+    import shutil
 
-    config = config_lib.load(os.path.join(ROOT, "experiments", "lit_from_hf.py:" + clip_folder))
+    from safetensors.numpy import load_file, save_file
+
+    from vlmjax import cli, convert, export
+
+    folder = str(tmp_path / "folder")  # a copy: its weights are replaced below
+    shutil.copytree(clip_folder, folder)
+    config = config_lib.load(os.path.join(ROOT, "experiments", "lit_from_hf.py:" + folder))
     for key, value in {
         "data.data_dir": data_dir,
         "data.num_train": 4096,
@@ -255,6 +262,10 @@ def test_finetune_from_folder_and_export_match_transformers(
     with config.unlocked():
         config.evals = ml_collections.ConfigDict({"zs": zs})
     workdir = str(tmp_path / "run")
+    train.train(config, workdir, stop_at=1)
+    # The folder's weights change; the resumed run must continue from its own step 1.
+    weights = os.path.join(folder, "model.safetensors")
+    save_file({k: np.asarray(v + 1.0) for k, v in load_file(weights).items()}, weights)
     train.train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         first = next(r for r in map(json.loads, f) if "eval/zs/accuracy" in r)
@@ -282,6 +293,12 @@ def test_finetune_from_folder_and_export_match_transformers(
         mngr.close()
         gaps = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state.ema, state.params)
         assert max(jax.tree.leaves(gaps)) > 1e-3  # the EMA is what both sides evaluate
+        # The locked image tower is still the imported one, not the changed folder's.
+        imported = convert.from_hf(clip_folder)[1]["params"]["image_tower"]
+        for got, want in zip(
+            jax.tree.leaves(state.params["image_tower"]), jax.tree.leaves(imported), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(got), want)
         return state
 
     images, texts, log_scale = _embeddings(evaluated, restored, prompts)
