@@ -22,6 +22,29 @@ def data_dir(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_references(tmp_path_factory):
+    """(kind, spec, options) -> tests/convert/reference.py's output dir, run once per
+    distinct arguments per session (the converter parity and round-trip tests share the
+    HF folders). Here, not in a tests/convert/conftest.py: tests import `conftest` by name,
+    and a second conftest module would shadow this one."""
+    import json
+
+    import parity
+
+    parity.python()  # skips without the reference interpreter
+    built: dict[str, str] = {}
+
+    def get(kind: str, spec: dict, options: list[str]) -> str:
+        key = json.dumps([kind, spec, options], sort_keys=True)
+        if key not in built:
+            out = str(tmp_path_factory.mktemp(f"reference_{kind}"))
+            built[key] = parity.run_reference(kind, spec, out, *options)
+        return built[key]
+
+    return get
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
