@@ -11,8 +11,9 @@ Needs image-text data: img2dataset's WebDataset shards, parquet or a CSV
 (`--config.data.source='/data/laion/{00000..41455}.tar'`, see README "Train CLIP on your
 img2dataset output"), or a tfds dataset prepared in array_record format (`data.source`,
 default "laion400m" with an `image` and a `caption` feature; set `data.caption_key` for
-another field name, e.g. "captions/text" for coco_captions), the CLIP BPE tokenizer files (a Hugging Face CLIP folder, its
-tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz), and, for the evaluations,
+another field name, e.g. "captions/text" for coco_captions), the CLIP BPE tokenizer files
+(a Hugging Face CLIP folder, its tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz),
+and, for the evaluations,
 tfds `imagenet2012` (zero-shot with CLIP's curated class names, which its WordNet-id labels
 map to, and the 80 OpenAI templates) and `coco_captions` (retrieval on the 5000 test images
 of the Karpathy split, 5 captions each). Expected: ~67-68% ImageNet zero-shot after 32
