@@ -48,6 +48,7 @@ def get_config(arg=None):
     c.data.pack_rows = 34
     c.data.caption_fraction = 0.3
     c.data.max_image_size = 0  # 0: keep sizes (jsonl data: e.g. 64 caps images at 64x64)
+    c.data.special_tokens = "reserved"  # image ids after the word vocabulary (no Fuyu tokenizer)
     # Answers are at most 2 words, then EOS.
     c.evals.vqa = dict(type="vqa", split="heldout", max_new_tokens=4, baseline_split="train")
     c.evals.caption = dict(type="captioning", split="heldout", prompt_key="", target_key="caption")

@@ -241,6 +241,11 @@ def test_bad_captioning_configs(data_dir):
         tasks.build(config)
     with pytest.raises(config_lib.ConfigError, match="caption_fraction"):
         tasks.build(_config(data_dir, **{"data.caption_fraction": 1.5}))
+    # FuyuProcessor's layout needs its tokens in the vocabulary (a word vocabulary has none).
+    with pytest.raises(config_lib.ConfigError, match=r"needs '\|SPEAKER\|' in the tokenizer"):
+        tasks.build(_config(data_dir, **{"data.special_tokens": "fuyu"}))
+    with pytest.raises(config_lib.ConfigError, match="special_tokens='hf' must be one of"):
+        tasks.build(_config(data_dir, **{"data.special_tokens": "hf"}))
     # 32 examples of >= 26 tokens cannot fit 8 rows of 64.
     small = tasks.build(_config(data_dir, **{"data.pack_rows": 8}))
     with pytest.raises(ValueError, match=r"cannot pack 32 examples .* into 8 rows of 64"):

@@ -111,7 +111,12 @@ def export(
         finally:
             mngr.close()
         variables = _host(common.variables(state))
-    convert.to_hf(task.model, variables, out_dir)
+    hf_config = None
+    if config.task == "captioning":
+        # FuyuConfig's image_token_id is the run's image placeholder (the tokenizer's
+        # |SPEAKER| under data.special_tokens="fuyu", the reserved id otherwise).
+        hf_config = {"image_token_id": int(task.prepared.layout.tokens.image)}
+    convert.to_hf(task.model, variables, out_dir, hf_config=hf_config)
     notes = ["config.json", "model.safetensors"]
     if getattr(state, "ema", None) is not None:
         notes.append(f"(the EMA of the params, optimizer.ema_decay={config.optimizer.ema_decay})")
@@ -121,6 +126,12 @@ def export(
         except ValueError as e:
             notes.append(f"no tokenizer: {e}")
             log.warning("%s", e)
+    if config.task == "captioning" and task.prepared.settings.special_tokens != "fuyu":
+        notes.append(
+            "(data.special_tokens='reserved': FuyuProcessor cannot lay out inputs for this "
+            "tokenizer, which has no |SPEAKER| / |NEWLINE|; build them with "
+            "vlmjax.data.fuyu_layout)"
+        )
     if config.task in ("contrastive", "classification"):
         with open(os.path.join(out_dir, init_hf.PREPROCESSOR), "w") as f:
             json.dump(preprocessor_config(config.data), f, indent=2)

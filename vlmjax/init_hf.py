@@ -6,7 +6,9 @@ SigLIP also the tokenizer files, and usually preprocessor_config.json). Two step
 1. `resolve(config)`, first thing in `train.train`, before the config is validated or any
    task is built: the model the folder holds decides `config.model_name` and
    `config.model.*` (so the task, FLOPs, evaluators and checkpoint shapes all see it), its
-   tokenizer becomes `data.tokenizer` (contrastive), and its
+   tokenizer becomes `data.tokenizer` (contrastive, captioning; a Fuyu folder also sets
+   `data.special_tokens="fuyu"`, so examples are laid out with its |SPEAKER| and |NEWLINE|
+   ids as FuyuProcessor does), and its
    preprocessor_config.json fills `data.mean`, `data.std`, `data.interpolation`,
    `data.image_size` and `data.eval_crop_fraction`. A field the run config gives with another
    value is a `ConfigError` naming the field and both values, never a silent reshape. Run
@@ -229,6 +231,7 @@ def _resolve_data(config, path: str, task: str, fixed_size: bool, problems: list
                 f"data.tokenizer={data.tokenizer!r} but the folder {path!r} has its own"
             )
     if task == "captioning":
+        _resolve_fuyu_tokens(config, path, problems)
         return  # the decoder's layout normalises its patches itself (fuyu_layout.normalise)
     defaults = {
         "mean": DEFAULT_MEAN,
@@ -258,6 +261,32 @@ def _resolve_data(config, path: str, task: str, fixed_size: bool, problems: list
         data[key] = value
 
 
+def _resolve_fuyu_tokens(config, path: str, problems: list[str]) -> None:
+    """A Fuyu folder's embedding rows are its tokenizer's ids, |SPEAKER| and |NEWLINE|
+    included: the run lays examples out with them (data.special_tokens="fuyu"), and the
+    folder's image_token_id must be its tokenizer's |SPEAKER|."""
+    from vlmjax import convert
+    from vlmjax.data import tokenizer as tokenizer_lib
+    from vlmjax.tasks import captioning
+
+    data = config.data
+    data.special_tokens = "fuyu"  # the default ("reserved") would misread the folder's ids
+    if os.path.abspath(os.path.expanduser(data.tokenizer)) != os.path.abspath(path):
+        return  # already a problem (another tokenizer than the folder's)
+    try:
+        tok = tokenizer_lib.load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        problems.append(f"the folder's tokenizer does not load ({e})")
+        return
+    image = tok.token_id(captioning.FUYU_TOKENS["image"]) if hasattr(tok, "token_id") else None
+    expected = convert.read_config(path).get("image_token_id")
+    if expected is not None and image != expected:
+        problems.append(
+            f"the folder's config.json has image_token_id={expected} but its tokenizer's "
+            f"{captioning.FUYU_TOKENS['image']!r} is {image}"
+        )
+
+
 def resolve(config: ml_collections.ConfigDict) -> None:
     """Fills the run config from the `hf:` folder of `config.init_from`, in place (see the
     module doc); does nothing for another `init_from`. Raises ConfigError on a field that
@@ -272,15 +301,6 @@ def resolve(config: ml_collections.ConfigDict) -> None:
     except (FileNotFoundError, NotImplementedError, KeyError, ValueError) as e:
         raise config_lib.ConfigError(f"init_from={config.init_from!r}: {e}") from None
     task, name = _task_and_name(model)
-    if task == "captioning":
-        # Not wired yet: the decoder task reserves its image and image-newline ids after the
-        # tokenizer's vocabulary (tasks/captioning.py layout_spec), while Fuyu's are tokens
-        # inside it (|SPEAKER|, |NEWLINE|), so the folder's embedding table would not fit.
-        raise config_lib.ConfigError(
-            f"init_from={config.init_from!r}: a Fuyu folder cannot start a captioning run yet "
-            "(its image-token ids live inside the vocabulary, which the decoder layout does "
-            "not read); convert.from_hf reads the weights for inference"
-        )
     problems = []
     if config.task != task:
         problems.append(f"task={config.task!r} but the folder holds a {name} model (task={task!r})")

@@ -442,6 +442,8 @@ def run_fuyu(spec: dict, out: str, seed: int) -> None:
                 param.copy_(param.to(torch.bfloat16).to(torch.float32))
         saved = copy.deepcopy(model).to(torch.bfloat16)
     saved.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+    # The folder's tokenizer too, as a Fuyu folder has it (init_from=hf: reads it).
+    fuyu_tokenizer(spec["num_words"]).save_pretrained(os.path.join(out, "model"))
     model.eval()
 
     canvas, patch_size = spec["canvas"], model.config.patch_size

@@ -144,6 +144,10 @@ class HFTokenizer:
         """One more than the largest id (added tokens included): the embedding-table size."""
         return max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (e.g. Fuyu's "|SPEAKER|"), None if absent."""
+        return self._tok.token_to_id(token)
+
     def tokenize(self, text: base.Text) -> list[int]:
         """One text -> its token ids without bos/eos."""
         return list(self._tok.encode(base.as_str(text), add_special_tokens=False).ids)

@@ -75,6 +75,11 @@ class SentencePieceTokenizer:
         """The serialized model, as in a `.model` file."""
         return self._model
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one piece (e.g. Fuyu's "|SPEAKER|"), None if the model has none."""
+        piece = int(self._sp.piece_to_id(token))
+        return piece if piece != self.unk_id or token == self._sp.id_to_piece(piece) else None
+
     def tokenize(self, text: base.Text) -> list[int]:
         """One text -> its piece ids, without bos/eos."""
         return list(self._sp.encode(base.as_str(text), out_type=int))

@@ -28,7 +28,14 @@ Config keys (beyond `defaults.base_config`): `model_name = "fuyu"`, `model.*` = 
 fields (`vocab_size` follows the tokenizer unless given), `data.seq_len`, `data.pack_rows`,
 `data.caption_fraction`, `data.max_image_size` (0: keep sizes; else images are downscaled
 to fit max x max, aspect kept); `data.tokenizer` ("word": a vocabulary over every text
-field the task reads).
+field the task reads); `data.special_tokens`:
+
+  * "reserved" (the default, for runs from scratch): the image and image-newline ids are
+    the two after the tokenizer's vocabulary, BOS is the tokenizer's, no BOA;
+  * "fuyu": FuyuProcessor's tokens, looked up in the tokenizer's vocabulary: |SPEAKER| at
+    patch positions, |NEWLINE| after each row, <s> after the image, <0x04> (BOA) after
+    every prompt. `init_from=hf:` a Fuyu folder sets it, so its embedding rows keep their
+    meaning and an exported run is laid out as transformers expects.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ SHAPES_FIELDS = ("caption", "question", "answer")
 RECORD_FIELDS = ("prompt", "target")  # every other source
 # Eval rows are padded to a multiple of this, so a split compiles few shapes.
 LENGTH_BUCKET = 16
+SPECIAL_TOKENS = ("reserved", "fuyu")
+# data.special_tokens="fuyu": the vocabulary entries FuyuProcessor lays examples out with.
+FUYU_TOKENS = dict(image="|SPEAKER|", newline="|NEWLINE|", bos="<s>", boa="<0x04>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +82,7 @@ class Settings:
     pack_rows: int = 0  # 0: one example per row (no packing)
     caption_fraction: float = 0.3
     max_image_size: int = 0
+    special_tokens: str = "reserved"  # or "fuyu" (see the module doc)
 
     @classmethod
     def of(cls, config: ml_collections.ConfigDict) -> Settings:
@@ -81,7 +92,12 @@ class Settings:
             pack_rows=data.get("pack_rows", defaults.pack_rows),
             caption_fraction=data.get("caption_fraction", defaults.caption_fraction),
             max_image_size=data.get("max_image_size", defaults.max_image_size),
+            special_tokens=data.get("special_tokens", defaults.special_tokens),
         )
+        if out.special_tokens not in SPECIAL_TOKENS:
+            raise config_lib.ConfigError(
+                f"data.special_tokens={out.special_tokens!r} must be one of {SPECIAL_TOKENS}"
+            )
         if out.seq_len < 2 or out.pack_rows < 0:
             raise config_lib.ConfigError(
                 f"data.seq_len={out.seq_len} must be >= 2 and data.pack_rows={out.pack_rows} >= 0"
@@ -111,29 +127,45 @@ class Prepared:
     layout: fl.LayoutSpec
 
 
-def _model_kwargs(config: ml_collections.ConfigDict, tok) -> dict[str, Any]:
+def _model_kwargs(config: ml_collections.ConfigDict, prepared: Prepared) -> dict[str, Any]:
     if config.model_name not in MODELS:
         raise config_lib.ConfigError(
             f"model_name={config.model_name!r} is not one of {sorted(MODELS)} for task 'captioning'"
         )
     kwargs = config_lib.module_kwargs(fuyu.FuyuDecoder, config.model.to_dict(), "model")
-    # The tokenizer's ids, then the image placeholder and image-newline ids.
-    needed = tok.vocab_size + 2
+    # The tokenizer's ids and the layout's image and image-newline ids (reserved after the
+    # vocabulary, or entries of it).
+    ids = prepared.layout.tokens
+    needed = max(prepared.tokenizer.vocab_size, ids.image + 1, ids.newline + 1)
     if not kwargs.get("vocab_size"):
         kwargs["vocab_size"] = needed
     elif kwargs["vocab_size"] < needed:
         raise config_lib.ConfigError(
             f"model.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer's vocabulary "
-            f"plus the image and image-newline ids ({needed}): raise it, or set it to 0 (it "
+            f"with the image and image-newline ids ({needed}): raise it, or set it to 0 (it "
             "then follows the tokenizer)"
         )
     return kwargs
 
 
-def layout_spec(config: ml_collections.ConfigDict, tok, settings: Settings) -> fl.LayoutSpec:
-    """How this run lays examples out: the tokenizer's special ids, and the image ids
-    reserved after its vocabulary (no BOA token: the prompt is followed by the target)."""
-    ids = fl.Tokens(
+def _vocabulary_id(tok, token: str, config: ml_collections.ConfigDict) -> int:
+    found = tok.token_id(token) if hasattr(tok, "token_id") else None
+    if found is None:
+        raise config_lib.ConfigError(
+            f"data.special_tokens='fuyu' needs {token!r} in the tokenizer's vocabulary, and "
+            f"data.tokenizer={config.data.tokenizer!r} has no such entry: use a Fuyu "
+            "tokenizer, or data.special_tokens='reserved'"
+        )
+    return found
+
+
+def special_ids(config: ml_collections.ConfigDict, tok, settings: Settings) -> fl.Tokens:
+    """The layout's token ids under `data.special_tokens` (see the module doc)."""
+    if settings.special_tokens == "fuyu":
+        found = {k: _vocabulary_id(tok, t, config) for k, t in FUYU_TOKENS.items()}
+        return fl.Tokens(eos=tok.eos_id, pad=tok.pad_id, **found)
+    # Reserved: no BOA token, the prompt is followed by the target.
+    return fl.Tokens(
         image=tok.vocab_size,
         newline=tok.vocab_size + 1,
         bos=tok.bos_id,
@@ -141,6 +173,11 @@ def layout_spec(config: ml_collections.ConfigDict, tok, settings: Settings) -> f
         pad=tok.pad_id,
         boa=None,
     )
+
+
+def layout_spec(config: ml_collections.ConfigDict, tok, settings: Settings) -> fl.LayoutSpec:
+    """How this run lays examples out: `special_ids`, the patch size and the canvas."""
+    ids = special_ids(config, tok, settings)
     size = settings.max_image_size
     patch_size, channels = _patch(config)
     return fl.LayoutSpec(
@@ -378,7 +415,7 @@ def loss_fn(
 def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Task:
     """The decoder task of `config`, prepared once (tokenizer kept in `workdir`)."""
     prepared = prepare(config, workdir)
-    kwargs = _model_kwargs(config, prepared.tokenizer)
+    kwargs = _model_kwargs(config, prepared)
     model = MODELS[config.model_name](**kwargs)
     rows = prepared.settings.pack_rows or config.batch_size
     try:  # per example: the step's packed rows shared by its batch_size examples
