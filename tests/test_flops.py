@@ -104,6 +104,39 @@ def test_clip_matches_xla_with_its_loss():
     assert_close(train, 3 * analytic - flops.dense(64, 48, 128), TRANSFORMER_TOLERANCE)
 
 
+def test_siglip_shaped_clip_and_a_pre_logits_vit_match_xla():
+    """SigLIP's layout: a MAP-pooled image tower with no projection after it, a text tower
+    pooled at its final token with a biased projection; and a ViT with a pre-logits layer."""
+    model = clip.CLIP(
+        embed_dim=128, image_projection="none", text_projection="linear_bias", sigmoid_bias=-10.0,
+        vision=dict(variant=None, patch_size=4, pool="map", **SMALL),
+        text=dict(vocab_size=100, context_length=32, causal=False, pool="final", **SMALL),
+    )  # fmt: skip
+
+    def loss(out):
+        return losses.contrastive_loss_reference(
+            out["zimg"], out["ztxt"], out["log_scale"], kind="sigmoid", bias=out["bias"]
+        )[0]
+
+    fwd, _ = forward_and_train_flops(model, (IMAGES, TOKENS), loss=loss)
+    analytic = flops.clip_forward(model, 32, global_batch=2)
+    tower, _ = clip.towers(model)
+    # The MAP head by hand: the probe's q and out, k and v of 64 tokens, one query's
+    # attention over them, the MLP.
+    head = 2 * 2 * 128 * 128 + 2 * 2 * 64 * 128 * 128 + 2 * 2 * 64 * 128 + 2 * 2 * 128 * 512
+    assert flops.map_head(64, 128, 512) == head
+    assert flops.vit_forward(tower, 32) == flops.vit_forward(tower.clone(pool="gap"), 32) + head
+    assert_close(fwd, analytic, TRANSFORMER_TOLERANCE)
+
+    pre_logits = vit.ViT(
+        num_classes=10, patch_size=4, rep_size=64, activation="quick_gelu", **SMALL
+    )
+    fwd, _ = forward_and_train_flops(pre_logits, (IMAGES,))
+    plain = flops.vit_forward(pre_logits.clone(rep_size=0, num_classes=0), 32)
+    assert flops.vit_forward(pre_logits, 32) == plain + 2 * 128 * 64 + 2 * 64 * 10
+    assert_close(fwd, flops.vit_forward(pre_logits, 32), TRANSFORMER_TOLERANCE)
+
+
 def test_clip_with_a_resnet_tower_matches_xla():
     """shapes_clip.py:resnet's tower: the formula counts the ResNet, not a ViT."""
     model = clip.CLIP(
@@ -197,7 +230,7 @@ def test_clip_b16_against_torch_flop_counter():
     ours = flops.per_example(config)
     assert ours == pytest.approx(123.26e9, rel=1e-4)
     # ViT-B/16 alone: 17.56 GMACs forward, the figure usually quoted (~17.6).
-    image_tower, _ = flops.clip_towers(flops.model_from_config(config))
+    image_tower, _ = clip.towers(flops.model_from_config(config))
     assert flops.vit_forward(image_tower, 224) == pytest.approx(2 * 17.56e9, rel=1e-3)
     # Counted as torch does, ours lands on torch's 123.8 GFLOP.
     torch_like = ours + flops.torch_counter_delta(flops.model_from_config(config), 224)

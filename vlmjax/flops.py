@@ -79,15 +79,34 @@ def transformer_layer(tokens: int, width: int, mlp_dim: int) -> float:
     )
 
 
+def map_head(tokens: int, width: int, mlp_dim: int) -> float:
+    """A MAP head (vit.MAPHead): one probe's q and out projections, k and v of every token,
+    its attention over them, and the MLP on the pooled token."""
+    projections = 2 * dense(1, width, width) + 2 * dense(tokens, width, width)
+    mlp = dense(1, width, mlp_dim) + dense(1, mlp_dim, width)
+    return projections + attention(1, tokens, width) + mlp
+
+
+def vit_features(model: vit.ViT) -> int:
+    """Width of the pooled representation (what a head or a CLIP projection reads)."""
+    return model.rep_size or model.hparams()["width"]
+
+
 def vit_forward(model: vit.ViT, image_size: int) -> float:
-    """Forward FLOPs of `model` on one image_size x image_size x 3 image."""
+    """Forward FLOPs of `model` on one image_size x image_size x 3 image: the patch
+    embedding, the blocks, the MAP head (pool="map"), the pre-logits layer (rep_size) and
+    the classifier head (none with num_classes=0)."""
     hp = model.hparams()
     p, width = hp["patch_size"], hp["width"]
     patches = (image_size // p) ** 2
     tokens = patches + (1 if model.pool == "cls" else 0)
     flops = dense(patches, p * p * 3, width)  # the patch embedding (a stride-p conv)
     flops += hp["depth"] * transformer_layer(tokens, width, hp["mlp_dim"])
-    return flops + dense(1, width, model.num_classes)  # 0 without a head
+    if model.pool == "map":
+        flops += map_head(tokens, width, hp["mlp_dim"])
+    if model.rep_size:
+        flops += dense(1, width, model.rep_size)
+    return flops + dense(1, vit_features(model), model.num_classes)  # 0 without a head
 
 
 def text_forward(model: text.TextTransformer, length: int | None = None) -> float:
@@ -97,30 +116,26 @@ def text_forward(model: text.TextTransformer, length: int | None = None) -> floa
     return model.depth * transformer_layer(length, model.width, model.mlp_dim)
 
 
-def clip_towers(model: clip.CLIP) -> tuple[vit.ViT | convnets.ResNet, text.TextTransformer]:
-    """The two towers as `clip.CLIP.setup` builds them (same merge of defaults)."""
-    if model.image_model == "resnet":
-        image_tower = convnets.ResNet(**{**(model.vision or {}), "num_classes": 0})
-    else:
-        image_tower = vit.ViT(**{**clip.VISION_DEFAULTS, **(model.vision or {}), "num_classes": 0})
-    return image_tower, text.TextTransformer(**(model.text or {}))
-
-
 def clip_forward(model: clip.CLIP, image_size: int, global_batch: int) -> float:
     """Forward FLOPs of one image-text pair: both towers (a ViT or a ResNet image tower),
-    both projections and this pair's share of the [B, B] logits (2 * B * embed_dim)."""
-    image_tower, text_tower = clip_towers(model)
+    their projections (none for `*_projection="none"`, as SigLIP's image side) and this
+    pair's share of the [B, B] logits (2 * B * embed_dim)."""
+    image_tower, text_tower = clip.towers(model)
     if isinstance(image_tower, convnets.ResNet):
         image_flops = resnet_forward(image_tower, image_size)
         width_img = resnet_features(image_tower)
     else:
         image_flops = vit_forward(image_tower, image_size)
-        width_img = image_tower.hparams()["width"]
+        width_img = vit_features(image_tower)
+
+    def projection(kind: str, width: int) -> float:
+        return 0.0 if kind == "none" else dense(1, width, model.embed_dim)
+
     return (
         image_flops
         + text_forward(text_tower)
-        + dense(1, width_img, model.embed_dim)
-        + dense(1, text_tower.width, model.embed_dim)
+        + projection(model.image_projection, width_img)
+        + projection(model.text_projection, text_tower.width)
         + dense(1, model.embed_dim, global_batch)
     )
 
@@ -143,7 +158,7 @@ def torch_counter_delta(model: clip.CLIP, image_size: int) -> float:
     of its fused attention recomputes the scores (+ half of every layer's forward attention
     FLOPs), and it never computes the patch embedding's input gradient, which the 3x rule
     assumes (- one forward of the patch embedding)."""
-    image_tower, text_tower = clip_towers(model)
+    image_tower, text_tower = clip.towers(model)
     hp = image_tower.hparams()
     p, width = hp["patch_size"], hp["width"]
     patches = (image_size // p) ** 2
