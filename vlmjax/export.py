@@ -13,8 +13,9 @@ them:
     "sentencepiece:N") has no transformers form here: the export says so and writes none.
   * preprocessor_config.json (image tasks): a CLIPImageProcessor doing what the run's
     evaluation does: resize the short side to image_size / data.eval_crop_fraction with
-    data.interpolation, centre-crop image_size, (x / 255 - data.mean) / data.std. The
-    decoder lays out its own patches (no file is written for it).
+    data.interpolation, centre-crop image_size, (x / 255 - data.mean) / data.std. For the
+    decoder laid out as FuyuProcessor does (data.special_tokens="fuyu"), a
+    FuyuImageProcessor with the run's canvas (data.max_image_size) and patch size.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from vlmjax import checkpoint, convert, init_hf, tasks
 from vlmjax import mesh as mesh_lib
+from vlmjax.data import fuyu_layout as fl
 from vlmjax.data import sources
 
 log = logging.getLogger("vlmjax")
@@ -58,6 +60,29 @@ def preprocessor_config(data: ml_collections.ConfigDict) -> dict[str, Any]:
         "do_normalize": True,
         "image_mean": [float(v) for v in data.get("mean", init_hf.DEFAULT_MEAN)],
         "image_std": [float(v) for v in data.get("std", init_hf.DEFAULT_STD)],
+    }
+
+
+def fuyu_preprocessor_config(spec) -> dict[str, Any]:
+    """The FuyuImageProcessor settings equal to the run's layout `spec` (fuyu_layout's
+    LayoutSpec): images downscaled to fit the canvas (FuyuProcessor's 1080 x 1920 where the
+    run keeps every size), padded with raw 1s, x / 255 normalised to [-1, 1]."""
+    height, width = spec.canvas or fl.HF_CANVAS
+    return {
+        "image_processor_type": "FuyuImageProcessor",
+        "processor_class": "FuyuProcessor",
+        "do_resize": True,
+        "size": {"height": int(height), "width": int(width)},
+        "resample": RESAMPLE["bilinear"],
+        "do_pad": True,
+        "padding_value": float(spec.pad_value),
+        "padding_mode": "constant",
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": 0.5,
+        "image_std": 0.5,
+        "patch_size": {"height": spec.patch_size, "width": spec.patch_size},
     }
 
 
@@ -126,15 +151,25 @@ def export(
         except ValueError as e:
             notes.append(f"no tokenizer: {e}")
             log.warning("%s", e)
-    if config.task == "captioning" and task.prepared.settings.special_tokens != "fuyu":
+    preprocessor = None
+    if config.task in ("contrastive", "classification"):
+        preprocessor = preprocessor_config(config.data)
+    elif task.prepared.settings.special_tokens == "fuyu":
+        preprocessor = fuyu_preprocessor_config(task.prepared.layout)
+        if task.prepared.layout.canvas is None:
+            notes.append(
+                "(data.max_image_size=0: FuyuProcessor downscales images larger than its "
+                "1080 x 1920 canvas, which the run kept at their size)"
+            )
+    else:
         notes.append(
             "(data.special_tokens='reserved': FuyuProcessor cannot lay out inputs for this "
             "tokenizer, which has no |SPEAKER| / |NEWLINE|; build them with "
-            "vlmjax.data.fuyu_layout)"
+            "vlmjax.data.fuyu_layout; no preprocessor_config.json)"
         )
-    if config.task in ("contrastive", "classification"):
+    if preprocessor is not None:
         with open(os.path.join(out_dir, init_hf.PREPROCESSOR), "w") as f:
-            json.dump(preprocessor_config(config.data), f, indent=2)
+            json.dump(preprocessor, f, indent=2)
             f.write("\n")
         notes.append(init_hf.PREPROCESSOR)
     return int(state.step), notes

@@ -259,6 +259,8 @@ def run_loaded(spec: dict) -> None:
         loading = {k: sorted(map(str, v)) for k, v in info.items()}
         with open(os.path.join(folder, "loading_info.json"), "w") as f:
             json.dump(loading, f)
+    if "fuyu_processor" in spec:  # {"folder", "images", "prompts", "out"}
+        exported_fuyu_processor(**spec["fuyu_processor"])
     print(f"load: {len(spec['folders'])} folders")
 
 
@@ -377,10 +379,9 @@ def fuyu_tokenizer(num_words: int):
     )
 
 
-def fuyu_processor_inputs(images, prompts, canvas, patch_size, num_words):
-    """FuyuProcessor (PIL image backend) on the images and prompts: (input_ids [b, L]
-    left-padded, attention_mask [b, L], pixel_values [patches of all images, p*p*3])."""
-    from transformers import FuyuProcessor
+def fuyu_image_processor(**settings):
+    """transformers' FuyuImageProcessorPil (the PIL backend: the default one needs
+    torchvision) with `settings`, e.g. a preprocessor_config.json's fields."""
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 
     class ImageProcessor(FuyuImageProcessorPil):
@@ -389,14 +390,45 @@ def fuyu_processor_inputs(images, prompts, canvas, patch_size, num_words):
         def patchify_image(self, image, patch_size=None):
             return torch.from_numpy(super().patchify_image(np.asarray(image), patch_size))
 
+    return ImageProcessor(**settings)
+
+
+def fuyu_processor_inputs(images, prompts, canvas, patch_size, num_words):
+    """FuyuProcessor (PIL image backend) on the images and prompts: (input_ids [b, L]
+    left-padded, attention_mask [b, L], pixel_values [patches of all images, p*p*3])."""
+    from transformers import FuyuProcessor
+
     size = {"height": canvas[0], "width": canvas[1]}
     patch = {"height": patch_size, "width": patch_size}
     processor = FuyuProcessor(
-        image_processor=ImageProcessor(size=size, patch_size=patch),
+        image_processor=fuyu_image_processor(size=size, patch_size=patch),
         tokenizer=fuyu_tokenizer(num_words),
     )
     out = processor(images=images, text=prompts, return_legacy_image_output=False)
     return out["input_ids"], out["attention_mask"], out["pixel_values"]
+
+
+def exported_fuyu_processor(folder: str, images: list[str], prompts: list[str], out: str):
+    """FuyuProcessor from an exported folder's tokenizer files and preprocessor_config.json
+    on PNG files and prompts -> OUT/processor.npz (input_ids_i, pixel_values_i unpadded)."""
+    from PIL import Image
+    from transformers import AutoTokenizer, FuyuProcessor
+
+    with open(os.path.join(folder, "preprocessor_config.json")) as f:
+        settings = json.load(f)
+    assert settings.pop("image_processor_type") == "FuyuImageProcessor", settings
+    assert settings.pop("processor_class") == "FuyuProcessor", settings
+    processor = FuyuProcessor(
+        image_processor=fuyu_image_processor(**settings),
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+    )
+    arrays = {}
+    for i, (path, prompt) in enumerate(zip(images, prompts, strict=True)):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        got = processor(images=[image], text=[prompt], return_legacy_image_output=False)
+        arrays[f"input_ids_{i}"] = got["input_ids"][0].numpy()
+        arrays[f"pixel_values_{i}"] = got["pixel_values"].numpy()
+    np.savez(os.path.join(out, "processor.npz"), **arrays)
 
 
 def fuyu_manual_inputs(images, prompts, canvas, patch_size):

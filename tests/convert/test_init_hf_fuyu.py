@@ -154,7 +154,7 @@ def test_finetuned_fuyu_exports_to_transformers_with_the_runs_loss(reference, tm
 
     out = str(tmp_path / "exported")
     step, notes = export.export(config_lib.load_workdir(workdir), workdir, out)
-    assert step == 2 and "tokenizer.json" in notes
+    assert step == 2 and {"tokenizer.json", "preprocessor_config.json"} <= set(notes)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["image_token_id"] == 4  # the tokenizer's |SPEAKER|
 
@@ -182,7 +182,25 @@ def test_finetuned_fuyu_exports_to_transformers_with_the_runs_loss(reference, tm
                 pixel_values=seq["patches"][seq["image_mask"]],
             )
             folders.append(dict(dir=str(entry), **{"class": "FuyuForCausalLM"}))  # fmt: skip
-    parity.run_reference("load", dict(folders=folders), str(tmp_path))
+    # And FuyuProcessor built from the export's tokenizer and preprocessor files.
+    with open(records) as f:
+        listed = [json.loads(line) for line in f]
+    processor = dict(folder=out, images=[r["image"] for r in listed],
+                     prompts=[r["prompt"] for r in listed], out=str(tmp_path))  # fmt: skip
+    spec_load = dict(folders=folders, fuyu_processor=processor)
+    parity.run_reference("load", spec_load, str(tmp_path))
+    theirs = dict(np.load(tmp_path / "processor.npz"))
+    for i in range(len(seqs)):
+        prompt_only = fl.layout(
+            captioning.record_image(source[i], "image"),
+            captioning.text_ids(task.prepared.tokenizer, listed[i]["prompt"]),
+            None,
+            spec,
+        )
+        np.testing.assert_array_equal(prompt_only["tokens"], theirs[f"input_ids_{i}"])
+        np.testing.assert_array_equal(
+            prompt_only["patches"][prompt_only["image_mask"]], theirs[f"pixel_values_{i}"]
+        )
     info = json.loads((tmp_path / "exported_0" / "loading_info.json").read_text())
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
 
