@@ -266,30 +266,12 @@ def test_pipeline_processes_read_disjoint_records():
     assert not read[0] & read[1] and len(read[0] | read[1]) == 32
 
 
-@pytest.fixture
-def compile_once(tmp_path):
-    """The runs of a test compile the same step: a persistent compilation cache (only for
-    that test) compiles it once (measured: a run's 30 s became 7 s)."""
-    import jax
-    from jax._src import compilation_cache
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path / "jax_cache"))
-    jax.config.update(keys[1], 0)
-    compilation_cache.reset_cache()  # it reads the settings at the first compile after this
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
 def _train_records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: r for r in map(json.loads, f) if "train/loss" in r}
 
 
-def test_training_skips_counts_and_resumes_exactly(data, tmp_path, caplog, compile_once):
+def test_training_skips_counts_and_resumes_exactly(data, tmp_path, caplog):
     """5 steps on the shards, stopped after step 2 and resumed: data/skipped counts exactly
     the bad reads at every step (the count survives the resume), the log names the first
     ones, and past data.max_skip_fraction a run stops. (That a resumed pipeline gives the
