@@ -63,13 +63,12 @@ def _outputs(model, params, batch):
 
 @pytest.mark.parametrize(
     "kind, impl, shape, ks",
+    # Each loss implementation once, both kinds, three meshes (the losses themselves are
+    # checked against the reference for every kind x implementation in test_losses.py).
     [
-        ("softmax", "all_gather", (2, 4), (2,)),
         ("softmax", "chunked", (2, 4), (2, 4)),
         ("sigmoid", "all_gather", (8, 1), (4,)),
-        ("sigmoid", "chunked", (2, 4), (2,)),
-        ("softmax", "tiled", (1, 8), (2,)),  # tile 3 of 2 rows per device and micro-batch
-        ("sigmoid", "tiled", (2, 4), (4,)),
+        ("sigmoid", "tiled", (1, 8), (2,)),  # tile 3 of 2 rows per device and micro-batch
     ],
 )
 def test_accumulated_equals_full_batch(kind, impl, shape, ks):

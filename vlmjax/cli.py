@@ -104,6 +104,20 @@ class _OrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+class _UnretrievedDiskFull(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for a write that found the disk
+    full: orbax gathers its writes, so the first failure is raised (and named in the run's
+    one error line) and the other writes' identical failures are left to the collector."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from vlmjax import checkpoint
+
+        value = record.exc_info[1] if record.exc_info else None
+        if value is None:  # asyncio passes the exception in the message's context
+            value = getattr(record, "exception", None)
+        return not (value is not None and checkpoint.is_disk_full(value))
+
+
 def _quiet_background_noise() -> None:
     """After a failed async save, TensorStore's pending writes complete into orbax's closed
     event loop, and each prints a "RuntimeError: Event loop is closed" traceback through
@@ -132,6 +146,7 @@ def _quiet_background_noise() -> None:
 
     sys.unraisablehook = unraisable
     logging.getLogger("absl").addFilter(_OrbaxErrors())
+    logging.getLogger("asyncio").addFilter(_UnretrievedDiskFull())
 
     import threading
 
