@@ -33,6 +33,24 @@ CLIP_BLOCK = dict(
 )
 
 
+# HF config fields of a transformer tower's sizes -> our module fields.
+SIZES = dict(
+    hidden_size="width", num_hidden_layers="depth", intermediate_size="mlp_dim",
+    num_attention_heads="num_heads",
+)  # fmt: skip
+
+
+def sizes_in(config: dict) -> dict[str, int]:
+    """{width, depth, mlp_dim, num_heads} of an HF tower config (CLIP, SigLIP, ViT)."""
+    return {ours: config[hf] for hf, ours in SIZES.items()}
+
+
+def sizes_out(tower) -> dict[str, int]:
+    """The HF config fields of a tower's sizes (`tower`: a dict or module with them)."""
+    get = tower.get if isinstance(tower, dict) else lambda k: getattr(tower, k)
+    return {hf: get(ours) for hf, ours in SIZES.items()}
+
+
 # --- HF -> ours ---------------------------------------------------------------------
 
 

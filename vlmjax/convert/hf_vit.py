@@ -126,10 +126,7 @@ def model_from_config(config: dict[str, Any], pooler: bool | None = None) -> vit
     return vit.ViT(
         num_classes=num_classes,
         variant=None,
-        width=width,
-        depth=c["num_hidden_layers"],
-        mlp_dim=c["intermediate_size"],
-        num_heads=heads,
+        **blocks.sizes_in(c),
         patch_size=c["patch_size"],
         pool="cls",
         cls_position=True,
@@ -232,10 +229,7 @@ def export(model: vit.ViT, variables: dict) -> tuple[dict[str, Any], dict[str, n
     config: dict[str, Any] = dict(
         architectures=["ViTModel" if bare else "ViTForImageClassification"],
         model_type="vit",
-        hidden_size=hp["width"],
-        num_hidden_layers=hp["depth"],
-        num_attention_heads=hp["num_heads"],
-        intermediate_size=hp["mlp_dim"],
+        **blocks.sizes_out(hp),
         hidden_act=_HF_ACTIVATIONS[model.activation],
         layer_norm_eps=model.eps,
         image_size=size,
