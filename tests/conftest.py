@@ -78,3 +78,22 @@ def experiment(name: str, data_dir: str, overrides: dict | None = None):
 def tiny_config(data_dir):
     """Factory: experiments/shapes_vit.py:tiny on the test data, with {"a.b": value} overrides."""
     return lambda overrides=None: experiment("shapes_vit.py:tiny", data_dir, overrides)
+
+
+# The longest files (summed test durations measured on the 2-core machine, 2026-12-02) go
+# first: pytest-xdist's loadfile scheduling hands each worker one file at a time in
+# collection order, and a long file left for last runs alone on one core.
+LONG_FIRST = (
+    "test_contrastive_accum.py", "test_contrastive.py", "test_train.py", "test_experiments.py",
+    "test_slurm.py", "test_multiprocess.py", "convert/test_init_hf.py", "test_faults.py",
+    "test_eval_runs.py", "test_captioning.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        names = [f"tests/{name}" for name in LONG_FIRST]
+        return names.index(path) if path in names else len(names)
+
+    items.sort(key=rank)  # stable: the order within each file is kept
